@@ -1,0 +1,386 @@
+//! The fill: contend for the key, call the inner service once, store, release, wake.
+//! It runs in its own task, so the request that started it may go away.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::StampedeBody;
+use crate::envelope::{now_ms, Entry, Kind};
+use crate::key::Key;
+use crate::layer::Shared;
+use crate::lock::{jittered, new_token};
+use crate::policy::{FailurePolicy, Reason};
+use crate::stats::Event;
+use crate::status::Outcome;
+use crate::store::{Check, RedisStore};
+use crate::BoxError;
+
+/// What a fill hands back to the request that started it.
+pub(crate) enum Filled<B, E> {
+    /// A usable entry (already in L1).
+    Entry(Arc<Entry>, Outcome),
+    /// The answer could not be stored: the leader's own answer, streamed.
+    Pass(Result<Response<StampedeBody<B>>, E>, Outcome),
+    /// The inner call failed (its error, if it returned one), panicked or timed out.
+    Failed(Option<E>),
+    /// A fail-closed policy refused the request.
+    Refused(Outcome),
+}
+
+/// Which lock the fill holds while it calls the inner service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Redis,
+    Local,
+    /// No lock: Redis is failing (`store == false`) or the wait timed out (`store == true`,
+    /// Redis works, so the answer is still offered to it, without overwriting).
+    Nothing { store: bool },
+}
+
+enum Contend {
+    Found(Arc<Entry>, Outcome),
+    Pass,
+    Lead(Held),
+    Refuse(Outcome),
+}
+
+/// The inner call's result, before storing.
+enum Led<B, E> {
+    Cacheable { head: http::response::Parts, body: Bytes, ttl: Duration },
+    Uncacheable(Response<StampedeBody<B>>, Reason),
+    Failed(Option<E>),
+}
+
+pub(crate) async fn fill<S, ReqB, B>(
+    shared: Arc<Shared>,
+    key: Arc<Key>,
+    req: Request<ReqB>,
+    mut svc: S,
+) -> Filled<B, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let token = new_token();
+    let contend = match &shared.redis {
+        Some(store) => contend_redis(&shared, store, &key, &token).await,
+        None => contend_local(&shared, &key, &token).await,
+    };
+    let held = match contend {
+        Contend::Found(entry, outcome) => {
+            shared.l1.insert(key.hash, entry.clone()).await;
+            return Filled::Entry(entry, outcome);
+        }
+        Contend::Pass => {
+            shared.mark_pass(key.hash).await;
+            shared.counters.incr(Event::hit_for_pass);
+            let res = svc.call(req).await.map(|r| r.map(StampedeBody::stream));
+            return Filled::Pass(res, Outcome::HitForPass);
+        }
+        Contend::Refuse(outcome) => return Filled::Refused(outcome),
+        Contend::Lead(held) => held,
+    };
+
+    shared.counters.incr(Event::upstream_calls);
+    let started = Instant::now();
+    let (led, lost) = guarded(&shared, &key, &token, held, call_inner(&shared, svc, req)).await;
+    let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
+    match led {
+        Led::Cacheable { head, body, ttl } => {
+            let now = now_ms();
+            let until = now + ttl.as_millis() as u64;
+            let entry = Arc::new(Entry {
+                kind: Kind::Response,
+                key: key.canonical.clone(),
+                status: head.status,
+                headers: head.headers,
+                body,
+                stored_at: now,
+                fresh_until: until,
+                stale_until: until,
+                fill_ms,
+            });
+            shared.l1.insert(key.hash, entry.clone()).await;
+            shared.counters.incr(Event::stored);
+            finish(&shared, &key, &token, held, lost, Some((&entry, ttl))).await;
+            Filled::Entry(entry, Outcome::Stored)
+        }
+        Led::Uncacheable(res, reason) => {
+            tracing::debug!(key = %key.hex, reason, "answer not stored; hit-for-pass");
+            shared.counters.incr(Event::uncacheable);
+            shared.mark_pass(key.hash).await;
+            let marker = (!shared.cfg.hit_for_pass.is_zero()).then(|| {
+                let now = now_ms();
+                let until = now + shared.cfg.hit_for_pass.as_millis() as u64;
+                Entry {
+                    kind: Kind::Pass,
+                    key: key.canonical.clone(),
+                    status: res.status(),
+                    headers: Default::default(),
+                    body: Bytes::new(),
+                    stored_at: now,
+                    fresh_until: until,
+                    stale_until: until,
+                    fill_ms,
+                }
+            });
+            let marker = marker.as_ref().map(|m| (m, shared.cfg.hit_for_pass));
+            finish(&shared, &key, &token, held, lost, marker).await;
+            Filled::Pass(Ok(res), Outcome::Uncacheable)
+        }
+        Led::Failed(err) => {
+            shared.counters.incr(Event::upstream_failures);
+            finish(&shared, &key, &token, held, lost, None).await;
+            Filled::Failed(err)
+        }
+    }
+}
+
+/// Waits for the key in Redis: a value, the lock, or a policy decision.
+async fn contend_redis(shared: &Arc<Shared>, store: &RedisStore, key: &Key, token: &str) -> Contend {
+    let cfg = &shared.cfg;
+    let started = Instant::now();
+    let waiting = shared.wakers.register(key.hash);
+    let mut waited = false;
+    let mut skip_value = false;
+    loop {
+        let notified = waiting.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match store.check_and_lock(key, token, cfg.lease, skip_value).await {
+            Ok(Check::Value(bytes)) => match Entry::decode(bytes, &key.canonical) {
+                Ok(entry) if entry.is_fresh_at(now_ms()) => {
+                    if entry.kind == Kind::Pass {
+                        return Contend::Pass;
+                    }
+                    let (event, outcome) = if waited {
+                        (Event::collapsed_remote, Outcome::CollapsedFleet)
+                    } else {
+                        (Event::hits_redis, Outcome::HitRedis)
+                    };
+                    shared.counters.incr(event);
+                    return Contend::Found(Arc::new(entry), outcome);
+                }
+                Ok(_) => skip_value = true,
+                Err(e) => {
+                    tracing::debug!(key = %key.hex, error = %e, "unusable bytes in redis; treating as a miss");
+                    skip_value = true;
+                }
+            },
+            Ok(Check::Locked) => {
+                shared.counters.incr(Event::lock_acquired);
+                return Contend::Lead(Held::Redis);
+            }
+            Ok(Check::Held(pttl)) => {
+                skip_value = false;
+                if !waited {
+                    waited = true;
+                    shared.counters.incr(Event::lock_waited);
+                }
+                let elapsed = started.elapsed();
+                if elapsed >= cfg.lock_wait {
+                    shared.counters.incr(Event::lock_timed_out);
+                    return match cfg.on_lock_timeout {
+                        FailurePolicy::Open => Contend::Lead(Held::Nothing { store: true }),
+                        FailurePolicy::Closed => Contend::Refuse(Outcome::LockTimeout),
+                    };
+                }
+                let pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
+                    .min(pttl + Duration::from_millis(1))
+                    .min(cfg.lock_wait - elapsed);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            Err(e) => {
+                shared.counters.incr(Event::redis_errors);
+                tracing::debug!(key = %key.hex, error = %e, "redis unavailable for the fill");
+                return match cfg.on_redis_error {
+                    FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
+                    FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
+                };
+            }
+        }
+    }
+}
+
+/// The local backend's contention: only a second fill of this process can hold the lock.
+async fn contend_local(shared: &Arc<Shared>, key: &Key, token: &str) -> Contend {
+    let waiting = shared.wakers.register(key.hash);
+    loop {
+        let notified = waiting.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(entry) = shared.l1.get(&key.hash).await {
+            shared.counters.incr(Event::collapsed_local);
+            return Contend::Found(entry, Outcome::Collapsed);
+        }
+        match shared.local_locks.try_lock(key.hash, token, shared.cfg.lease) {
+            None => return Contend::Lead(Held::Local),
+            Some(left) => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Calls the inner service once and buffers a storable body up to the limit.
+async fn call_inner<S, ReqB, B>(shared: &Shared, mut svc: S, req: Request<ReqB>) -> Led<B, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let res = match svc.call(req).await {
+        Ok(res) => res,
+        Err(e) => return Led::Failed(Some(e)),
+    };
+    let (head, body) = res.into_parts();
+    let ttl = match shared.rules.check_response(head.status, &head.headers) {
+        Ok(ttl) => ttl,
+        Err(reason) => return Led::Uncacheable(Response::from_parts(head, StampedeBody::stream(body)), reason),
+    };
+    let max = shared.rules.max_body;
+    let mut body = Box::pin(body);
+    let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
+    let mut size = 0usize;
+    let mut too_big = body.size_hint().lower() > max as u64;
+    while !too_big {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!(error = %e, "inner body failed while buffering");
+                return Led::Failed(None);
+            }
+            Some(Ok(frame)) => {
+                let trailers = frame.is_trailers();
+                size += frame.data_ref().map_or(0, Bytes::len);
+                frames.push_back(frame);
+                if trailers {
+                    return Led::Uncacheable(Response::from_parts(head, StampedeBody::resume(frames, body)), "trailers");
+                }
+                too_big = size > max;
+            }
+        }
+    }
+    if too_big {
+        return Led::Uncacheable(Response::from_parts(head, StampedeBody::resume(frames, body)), "too-big");
+    }
+    let body = match frames.len() {
+        0 => Bytes::new(),
+        1 => frames.pop_front().and_then(|f| f.into_data().ok()).unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(size);
+            for f in frames {
+                if let Some(d) = f.data_ref() {
+                    buf.extend_from_slice(d);
+                }
+            }
+            buf.freeze()
+        }
+    };
+    Led::Cacheable { head, body, ttl }
+}
+
+/// Runs the inner call under the upstream timeout, catching panics, and extends the
+/// lease every third of it. Returns the result and whether the lease was lost.
+async fn guarded<B, E>(
+    shared: &Shared,
+    key: &Key,
+    token: &str,
+    held: Held,
+    call: impl std::future::Future<Output = Led<B, E>>,
+) -> (Led<B, E>, bool) {
+    let call = AssertUnwindSafe(call).catch_unwind();
+    tokio::pin!(call);
+    let deadline = tokio::time::sleep(shared.cfg.upstream_timeout);
+    tokio::pin!(deadline);
+    let period = (shared.cfg.lease / 3).max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    let extending = matches!(held, Held::Redis | Held::Local);
+    let mut lost = false;
+    loop {
+        tokio::select! {
+            out = &mut call => {
+                let led = out.unwrap_or_else(|_| {
+                    tracing::error!(key = %key.hex, "inner service panicked during a fill");
+                    Led::Failed(None)
+                });
+                return (led, lost);
+            }
+            _ = &mut deadline => {
+                tracing::warn!(key = %key.hex, timeout = ?shared.cfg.upstream_timeout, "inner call timed out");
+                return (Led::Failed(None), lost);
+            }
+            _ = tick.tick(), if extending && !lost => {
+                let kept = match (held, &shared.redis) {
+                    (Held::Redis, Some(store)) => match store.extend(key, token, shared.cfg.lease).await {
+                        Ok(kept) => kept,
+                        Err(e) => {
+                            shared.counters.incr(Event::redis_errors);
+                            tracing::debug!(error = %e, "lease extension failed; retrying next tick");
+                            true
+                        }
+                    },
+                    _ => shared.local_locks.extend(key.hash, token, shared.cfg.lease),
+                };
+                if !kept {
+                    lost = true;
+                    shared.counters.incr(Event::lock_lost);
+                    tracing::warn!(key = %key.hex, "lock lost while the inner call ran");
+                }
+            }
+        }
+    }
+}
+
+/// Stores (if there is something to store), releases and wakes the waiters.
+async fn finish(
+    shared: &Shared,
+    key: &Key,
+    token: &str,
+    held: Held,
+    lost: bool,
+    store: Option<(&Entry, Duration)>,
+) {
+    match (held, &shared.redis) {
+        (Held::Redis | Held::Nothing { store: true }, Some(redis)) => {
+            let result = match store {
+                Some((entry, ttl)) => redis.store_release(key, token, &entry.encode(), ttl).await,
+                None => redis.release_publish(key, token).await,
+            };
+            match result {
+                Ok(false) if held == Held::Redis && !lost => {
+                    shared.counters.incr(Event::lock_lost);
+                    tracing::warn!(key = %key.hex, "lock had expired when the fill finished");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    shared.counters.incr(Event::redis_errors);
+                    tracing::debug!(key = %key.hex, error = %e, "store/release failed; the lease will expire");
+                }
+            }
+        }
+        (Held::Local, _) => {
+            shared.local_locks.release(key.hash, token);
+            shared.wakers.wake(&key.hash);
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP rules: which requests may share a cached answer, and which answers are stored.
+
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
+
+use crate::status::Outcome;
+
+/// What to do with requests that carry `Authorization` or `Cookie`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrivateRequests {
+    /// Send them to the inner service untouched: never served from, nor stored into, the
+    /// cache (the default).
+    #[default]
+    Bypass,
+    /// Cache them per user: the credentials go into the key, so two users never share an
+    /// answer and never wait on each other.
+    PerUser,
+    /// Ignore the credentials: everyone shares one answer. Only for credentials that are
+    /// the same for every caller, such as a client's own API token.
+    Shared,
+}
+
+/// What to do when Redis fails, or when a lock wait passes its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Keep serving: go to the inner service (coalesced within this process).
+    #[default]
+    Open,
+    /// Answer `503 Service Unavailable`, protecting the upstream above all.
+    Closed,
+}
+
+/// Why an answer is not stored; becomes the `detail` of its hit-for-pass marker.
+pub(crate) type Reason = &'static str;
+
+#[derive(Clone, Debug)]
+pub(crate) struct HttpRules {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) private_requests: PrivateRequests,
+    pub(crate) honor_no_store: bool,
+    pub(crate) store_set_cookie: bool,
+    pub(crate) vary: Vec<HeaderName>,
+    pub(crate) ttl: Duration,
+    pub(crate) honor_cache_control: bool,
+    pub(crate) max_body: usize,
+}
+
+impl Default for HttpRules {
+    fn default() -> Self {
+        HttpRules {
+            methods: vec![Method::GET, Method::HEAD],
+            private_requests: PrivateRequests::Bypass,
+            honor_no_store: true,
+            store_set_cookie: false,
+            vary: Vec::new(),
+            ttl: Duration::from_secs(60),
+            honor_cache_control: false,
+            max_body: 1024 * 1024,
+        }
+    }
+}
+
+/// Iterates the directives of every `Cache-Control` header: `(name, value)`.
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<String>)> + '_ {
+    headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| {
+            let d = d.trim();
+            if d.is_empty() {
+                return None;
+            }
+            Some(match d.split_once('=') {
+                Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"').to_owned())),
+                None => (d.to_ascii_lowercase(), None),
+            })
+        })
+}
+
+impl HttpRules {
+    /// `Ok(per_user)` when the request may use the cache.
+    pub(crate) fn check_request(&self, method: &Method, headers: &HeaderMap) -> Result<bool, Outcome> {
+        if !self.methods.contains(method) {
+            return Err(Outcome::Method);
+        }
+        if headers.contains_key(AUTHORIZATION) || headers.contains_key(COOKIE) {
+            return match self.private_requests {
+                PrivateRequests::Bypass => Err(Outcome::Bypass("private")),
+                PrivateRequests::PerUser => Ok(true),
+                PrivateRequests::Shared => Ok(false),
+            };
+        }
+        Ok(false)
+    }
+
+    /// The time to live of an answer, or why it is not stored.
+    pub(crate) fn check_response(&self, status: StatusCode, headers: &HeaderMap) -> Result<Duration, Reason> {
+        if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
+            return Err("status");
+        }
+        for value in headers.get_all(VARY) {
+            let Ok(value) = value.to_str() else { return Err("vary") };
+            for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if name == "*" {
+                    return Err("vary-star");
+                }
+                if !self.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(name)) {
+                    return Err("vary");
+                }
+            }
+        }
+        if !self.store_set_cookie && headers.contains_key(SET_COOKIE) {
+            return Err("set-cookie");
+        }
+        let mut max_age = None;
+        let mut s_maxage = None;
+        for (name, value) in directives(headers) {
+            match name.as_str() {
+                "no-store" | "private" | "no-cache" if self.honor_no_store => return Err("no-store"),
+                "max-age" => max_age = value.and_then(|v| v.parse::<u64>().ok()),
+                "s-maxage" => s_maxage = value.and_then(|v| v.parse::<u64>().ok()),
+                _ => {}
+            }
+        }
+        let ttl = if self.honor_cache_control {
+            s_maxage.or(max_age).map(Duration::from_secs).unwrap_or(self.ttl)
+        } else {
+            self.ttl
+        };
+        if ttl.is_zero() {
+            return Err("max-age");
+        }
+        Ok(ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn response_rules() {
+        let mut rules = HttpRules::default();
+        let ok = StatusCode::OK;
+        assert_eq!(rules.check_response(ok, &headers(&[])), Ok(Duration::from_secs(60)));
+        assert_eq!(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[])), Err("status"));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")])), Err("no-store"));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")])), Err("no-store"));
+        assert_eq!(rules.check_response(ok, &headers(&[("set-cookie", "a=b")])), Err("set-cookie"));
+        assert_eq!(rules.check_response(ok, &headers(&[("vary", "*")])), Err("vary-star"));
+        assert_eq!(rules.check_response(ok, &headers(&[("vary", "accept-language")])), Err("vary"));
+        rules.vary.push(HeaderName::from_static("accept-language"));
+        assert!(rules.check_response(ok, &headers(&[("vary", "Accept-Language")])).is_ok());
+
+        let cc = headers(&[("cache-control", "max-age=10, s-maxage=\"20\"")]);
+        assert_eq!(rules.check_response(ok, &cc), Ok(Duration::from_secs(60)));
+        rules.honor_cache_control = true;
+        assert_eq!(rules.check_response(ok, &cc), Ok(Duration::from_secs(20)));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")])), Ok(Duration::from_secs(7)));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=0")])), Err("max-age"));
+
+        rules.honor_no_store = false;
+        rules.store_set_cookie = true;
+        assert!(rules.check_response(ok, &headers(&[("cache-control", "no-store"), ("set-cookie", "a=b")])).is_ok());
+    }
+
+    #[test]
+    fn request_rules() {
+        let mut rules = HttpRules::default();
+        assert_eq!(rules.check_request(&Method::GET, &headers(&[])), Ok(false));
+        assert_eq!(rules.check_request(&Method::POST, &headers(&[])), Err(Outcome::Method));
+        let auth = headers(&[("authorization", "Bearer x")]);
+        assert_eq!(rules.check_request(&Method::GET, &auth), Err(Outcome::Bypass("private")));
+        rules.private_requests = PrivateRequests::PerUser;
+        assert_eq!(rules.check_request(&Method::GET, &auth), Ok(true));
+        rules.private_requests = PrivateRequests::Shared;
+        assert_eq!(rules.check_request(&Method::GET, &headers(&[("cookie", "s=1")])), Ok(false));
+    }
+}

@@ -1,0 +1,75 @@
+//! The Lua scripts: each one a single atomic round trip.
+
+use redis::Script;
+use std::sync::LazyLock;
+
+/// Compare-and-delete. KEYS[1] lock; ARGV[1] token. Returns 1 when deleted.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0",
+    )
+});
+
+/// Compare-and-pexpire. KEYS[1] lock; ARGV[1] token, ARGV[2] lease ms. Returns 1 when extended.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0",
+    )
+});
+
+/// Check-and-lock. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] lease ms,
+/// ARGV[3] "1" to ignore the value (it was unusable).
+/// Returns {1, value} | {2} lock taken | {3, pttl} held by another.
+pub(crate) static CHECK_AND_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if ARGV[3] ~= '1' then
+    local v = redis.call('GET', KEYS[1])
+    if v then return {1, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {2}
+end
+return {3, redis.call('PTTL', KEYS[2])}",
+    )
+});
+
+/// Store-release-publish. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] bytes,
+/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message.
+/// A holder overwrites; a leader whose lease lapsed only writes where nothing newer stands.
+/// Returns {held 0|1, stored 0|1}.
+pub(crate) static STORE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local held = redis.call('GET', KEYS[2]) == ARGV[1]
+local stored = 0
+if held then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    redis.call('DEL', KEYS[2])
+    stored = 1
+elseif redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    stored = 1
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+if held then return {1, stored} end
+return {0, stored}",
+    )
+});
+
+/// Release-publish, for a fill that produced nothing. KEYS[1] lock; ARGV[1] token,
+/// ARGV[2] channel, ARGV[3] message. Returns 1 when the lock was still ours.
+pub(crate) static RELEASE_PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local held = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    held = 1
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return held",
+    )
+});

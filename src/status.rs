@@ -1,0 +1,70 @@
+//! The RFC 9211 `Cache-Status` values this layer sets.
+
+use http::HeaderValue;
+
+/// How one response was produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// From this process's memory.
+    HitMemory,
+    /// From Redis.
+    HitRedis,
+    /// This request went upstream and the answer was stored.
+    Stored,
+    /// Joined another request of this process that went upstream.
+    Collapsed,
+    /// Waited on another node's lock, then read its answer from Redis.
+    CollapsedFleet,
+    /// Went upstream; the answer was not storable.
+    Uncacheable,
+    /// Went upstream straight away: the key's last answer was not storable.
+    HitForPass,
+    /// Not a cached method.
+    Method,
+    /// A request that must not be shared (credentials) or that the key function skipped.
+    Bypass(&'static str),
+    /// Redis failed and the policy is to fail closed.
+    RedisUnavailable,
+    /// Waited longer than the lock-wait limit and the policy is to fail closed.
+    LockTimeout,
+    /// The upstream kept failing while this request waited on it.
+    UpstreamFailed,
+}
+
+impl Outcome {
+    pub(crate) fn header(self, cache: &str) -> HeaderValue {
+        let params = match self {
+            Outcome::HitMemory => "hit; detail=memory".into(),
+            Outcome::HitRedis => "hit; detail=redis".into(),
+            Outcome::Stored => "fwd=miss; stored".into(),
+            Outcome::Collapsed => "fwd=miss; collapsed".into(),
+            Outcome::CollapsedFleet => "fwd=miss; collapsed; detail=fleet".into(),
+            Outcome::Uncacheable => "fwd=miss; detail=uncacheable".into(),
+            Outcome::HitForPass => "fwd=bypass; detail=hit-for-pass".into(),
+            Outcome::Method => "fwd=method".into(),
+            Outcome::Bypass(why) => format!("fwd=bypass; detail={why}"),
+            Outcome::RedisUnavailable => "fwd=miss; detail=redis-unavailable".into(),
+            Outcome::LockTimeout => "fwd=miss; detail=lock-timeout".into(),
+            Outcome::UpstreamFailed => "fwd=miss; detail=upstream-failed".into(),
+        };
+        HeaderValue::from_str(&format!("{cache}; {params}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Outcome::HitMemory => "hit-memory",
+            Outcome::HitRedis => "hit-redis",
+            Outcome::Stored => "stored",
+            Outcome::Collapsed => "collapsed",
+            Outcome::CollapsedFleet => "collapsed-fleet",
+            Outcome::Uncacheable => "uncacheable",
+            Outcome::HitForPass => "hit-for-pass",
+            Outcome::Method => "method",
+            Outcome::Bypass(_) => "bypass",
+            Outcome::RedisUnavailable => "redis-unavailable",
+            Outcome::LockTimeout => "lock-timeout",
+            Outcome::UpstreamFailed => "upstream-failed",
+        }
+    }
+}

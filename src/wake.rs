@@ -1,0 +1,105 @@
+//! Wake-ups: one pub/sub subscription per process, dispatched to the fills waiting on a key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, Notify};
+
+use crate::key::parse_hex;
+use crate::lock::jittered;
+
+/// The fills of this process that wait on some key, by key hash.
+#[derive(Debug, Default)]
+pub(crate) struct Wakers {
+    map: Mutex<HashMap<[u8; 32], Arc<Notify>>>,
+}
+
+/// A registration; dropping it unregisters.
+pub(crate) struct Waiting {
+    wakers: Arc<Wakers>,
+    hash: [u8; 32],
+    notify: Arc<Notify>,
+}
+
+impl Waiting {
+    pub(crate) fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut map = self.wakers.map.lock().unwrap_or_else(|e| e.into_inner());
+        // The map's reference and ours: nobody else waits on this key.
+        if Arc::strong_count(&self.notify) <= 2 {
+            map.remove(&self.hash);
+        }
+    }
+}
+
+impl Wakers {
+    pub(crate) fn register(self: &Arc<Self>, hash: [u8; 32]) -> Waiting {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let notify = map.entry(hash).or_default().clone();
+        Waiting {
+            wakers: self.clone(),
+            hash,
+            notify,
+        }
+    }
+
+    pub(crate) fn wake(&self, hash: &[u8; 32]) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get(hash) {
+            n.notify_waiters();
+        }
+    }
+}
+
+/// Keeps one subscription to `channel` alive until `shutdown` fires (the layer was
+/// dropped), reconnecting with backoff and jitter. Messages are key hashes in hex.
+pub(crate) async fn subscribe(
+    client: redis::Client,
+    channel: String,
+    wakers: Weak<Wakers>,
+    timeout: Duration,
+    mut shutdown: oneshot::Receiver<()>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let session = async {
+            let mut pubsub = tokio::time::timeout(timeout.max(Duration::from_secs(1)), client.get_async_pubsub())
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
+            tracing::debug!(%channel, "subscribed to wake-ups");
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let Some(wakers) = wakers.upgrade() else { return Ok(()) };
+                if let Some(hash) = parse_hex(msg.get_payload_bytes()) {
+                    wakers.wake(&hash);
+                }
+            }
+            Err("subscription closed".to_owned())
+        };
+        let connected_at = tokio::time::Instant::now();
+        tokio::select! {
+            _ = &mut shutdown => return,
+            res = session => match res {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(error = %e, "wake-up subscription lost; polling covers the gap"),
+            },
+        }
+        if connected_at.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(50);
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(jittered(backoff, backoff / 2)) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
