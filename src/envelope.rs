@@ -2,7 +2,7 @@
 //!
 //! Layout (all integers big-endian):
 //! `"TSE" version:u8 kind:u8 key_len:u32 key status:u16 stored_at:u64 fresh_until:u64
-//! stale_until:u64 fill_ms:u32 n_headers:u16 (name_len:u16 name value_len:u32 value)*
+//! revalidate_until:u64 stale_until:u64 fill_ms:u32 n_headers:u16 (name_len:u16 name value_len:u32 value)*
 //! body_len:u32 body`. Times are milliseconds since the Unix epoch.
 //!
 //! Decoding never panics: anything short, foreign, of another version or for another key
@@ -34,8 +34,14 @@ pub(crate) struct Entry {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     pub(crate) stored_at: u64,
+    /// Until then it is fresh.
     pub(crate) fresh_until: u64,
+    /// Until then, once stale, it is served at once while one refresh runs
+    /// (stale-while-revalidate).
+    pub(crate) revalidate_until: u64,
+    /// Until then, once stale, it is served when the upstream fails (stale-if-error).
     pub(crate) stale_until: u64,
+    /// How long the fill took: the δ of early refresh.
     pub(crate) fill_ms: u32,
 }
 
@@ -63,6 +69,23 @@ pub(crate) fn now_ms() -> u64 {
 impl Entry {
     pub(crate) fn is_fresh_at(&self, now: u64) -> bool {
         now < self.fresh_until
+    }
+
+    /// Stale but inside the stale-while-revalidate window.
+    pub(crate) fn is_revalidatable_at(&self, now: u64) -> bool {
+        !self.is_fresh_at(now) && now < self.revalidate_until
+    }
+
+    /// Usable at all: fresh, or stale inside a grace window.
+    pub(crate) fn is_usable_at(&self, now: u64) -> bool {
+        now < self.stale_until
+    }
+
+    /// XFetch (Vattani et al., VLDB 2015): refresh early with a probability that grows as
+    /// expiry nears, scaled by how long the last fill took. `r` is uniform in (0, 1].
+    pub(crate) fn refresh_early(&self, now: u64, beta: f64, r: f64) -> bool {
+        let lead = -(self.fill_ms as f64) * beta * r.ln();
+        now as f64 + lead >= self.fresh_until as f64
     }
 
     /// Time left until the entry stops being usable at all.
@@ -95,6 +118,7 @@ impl Entry {
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at);
         out.put_u64(self.fresh_until);
+        out.put_u64(self.revalidate_until);
         out.put_u64(self.stale_until);
         out.put_u32(self.fill_ms);
         let n = self.headers.len().min(u16::MAX as usize);
@@ -133,10 +157,12 @@ impl Entry {
         let status = StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::Malformed)?;
         let stored_at = r.u64()?;
         let fresh_until = r.u64()?;
+        let revalidate_until = r.u64()?;
         let stale_until = r.u64()?;
         let fill_ms = r.u32()?;
         let n = r.u16()? as usize;
-        let mut headers = HeaderMap::with_capacity(n);
+        // The count is untrusted: never let it size an allocation (HeaderMap panics past 32768).
+        let mut headers = HeaderMap::with_capacity(n.min(64));
         for _ in 0..n {
             let len = r.u16()? as usize;
             let name = HeaderName::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
@@ -158,6 +184,7 @@ impl Entry {
             body: bytes.slice(start..start + body_len),
             stored_at,
             fresh_until,
+            revalidate_until,
             stale_until,
             fill_ms,
         })
@@ -214,8 +241,9 @@ mod tests {
             body: Bytes::from_static(b"hello world"),
             stored_at: 1,
             fresh_until: 2,
-            stale_until: 3,
-            fill_ms: 4,
+            revalidate_until: 3,
+            stale_until: 4,
+            fill_ms: 5,
         }
     }
 
@@ -227,7 +255,10 @@ mod tests {
         assert_eq!(d.status, e.status);
         assert_eq!(d.headers, e.headers);
         assert_eq!(d.body, e.body);
-        assert_eq!((d.stored_at, d.fresh_until, d.stale_until, d.fill_ms), (1, 2, 3, 4));
+        assert_eq!(
+            (d.stored_at, d.fresh_until, d.revalidate_until, d.stale_until, d.fill_ms),
+            (1, 2, 3, 4, 5)
+        );
     }
 
     #[test]
@@ -239,6 +270,22 @@ mod tests {
         let mut v2 = bytes.to_vec();
         v2[3] = 2;
         assert_eq!(Entry::decode(Bytes::from(v2), &e.key).unwrap_err(), DecodeError::Version(2));
+    }
+
+    #[test]
+    fn windows_and_early_refresh() {
+        let mut e = sample();
+        e.fresh_until = 1000;
+        e.revalidate_until = 2000;
+        e.stale_until = 3000;
+        e.fill_ms = 100;
+        assert!(e.is_fresh_at(999) && !e.is_fresh_at(1000));
+        assert!(e.is_revalidatable_at(1000) && !e.is_revalidatable_at(2000) && !e.is_revalidatable_at(500));
+        assert!(e.is_usable_at(2999) && !e.is_usable_at(3000));
+        // r = 1 never refreshes early; a small r does near expiry, not far from it.
+        assert!(!e.refresh_early(999, 1.0, 1.0));
+        assert!(e.refresh_early(900, 1.0, 0.1));
+        assert!(!e.refresh_early(0, 1.0, 0.1));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::envelope::{now_ms, Entry, Kind};
 use crate::key::Key;
 use crate::layer::Shared;
 use crate::lock::{jittered, new_token};
-use crate::policy::{FailurePolicy, Reason};
+use crate::policy::{FailurePolicy, Freshness, Reason};
 use crate::stats::Event;
 use crate::status::Outcome;
 use crate::store::{Check, RedisStore};
@@ -27,7 +27,7 @@ use crate::BoxError;
 
 /// What a fill hands back to the request that started it.
 pub(crate) enum Filled<B, E> {
-    /// A usable entry (already in L1).
+    /// A usable entry (already in L1): fresh, or a stale copy served by a grace window.
     Entry(Arc<Entry>, Outcome),
     /// The answer could not be stored: the leader's own answer, streamed.
     Pass(Result<Response<StampedeBody<B>>, E>, Outcome),
@@ -49,6 +49,8 @@ enum Held {
 
 enum Contend {
     Found(Arc<Entry>, Outcome),
+    /// A stale copy inside its stale-while-revalidate window.
+    Stale(Arc<Entry>),
     Pass,
     Lead(Held),
     Refuse(Outcome),
@@ -56,25 +58,40 @@ enum Contend {
 
 /// The inner call's result, before storing.
 enum Led<B, E> {
-    Cacheable { head: http::response::Parts, body: Bytes, ttl: Duration },
+    Cacheable { head: http::response::Parts, body: Bytes, fresh: Freshness },
     Uncacheable(Response<StampedeBody<B>>, Reason),
     Failed(Option<E>),
+}
+
+/// A copy to serve if the upstream fails: the newest usable one.
+fn keep_newest(fallback: &mut Option<Arc<Entry>>, candidate: Arc<Entry>) {
+    if fallback.as_ref().is_none_or(|f| f.stored_at < candidate.stored_at) {
+        *fallback = Some(candidate);
+    }
+}
+
+fn usable(fallback: Option<Arc<Entry>>) -> Option<Arc<Entry>> {
+    fallback.filter(|f| f.is_usable_at(now_ms()))
 }
 
 pub(crate) async fn fill<S, ReqB, B>(
     shared: Arc<Shared>,
     key: Arc<Key>,
     req: Request<ReqB>,
-    mut svc: S,
+    svc: S,
+    mut fallback: Option<Arc<Entry>>,
 ) -> Filled<B, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<B>>,
-    B: Body<Data = Bytes>,
+    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let token = new_token();
     let contend = match &shared.redis {
-        Some(store) => contend_redis(&shared, store, &key, &token).await,
+        Some(store) => contend_redis(&shared, store, &key, &token, &mut fallback).await,
         None => contend_local(&shared, &key, &token).await,
     };
     let held = match contend {
@@ -82,9 +99,15 @@ where
             shared.l1.insert(key.hash, entry.clone()).await;
             return Filled::Entry(entry, outcome);
         }
+        Contend::Stale(entry) => {
+            shared.l1.insert(key.hash, entry.clone()).await;
+            spawn_refresh(&shared, key, req, svc, entry.clone());
+            return Filled::Entry(entry, Outcome::Stale);
+        }
         Contend::Pass => {
             shared.mark_pass(key.hash).await;
             shared.counters.incr(Event::hit_for_pass);
+            let mut svc = svc;
             let res = svc.call(req).await.map(|r| r.map(StampedeBody::stream));
             return Filled::Pass(res, Outcome::HitForPass);
         }
@@ -92,29 +115,16 @@ where
         Contend::Lead(held) => held,
     };
 
-    shared.counters.incr(Event::upstream_calls);
-    let started = Instant::now();
-    let (led, lost) = guarded(&shared, &key, &token, held, call_inner(&shared, svc, req)).await;
-    let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
+    let (led, lost, fill_ms) = lead(&shared, &key, &token, held, svc, req).await;
     match led {
-        Led::Cacheable { head, body, ttl } => {
-            let now = now_ms();
-            let until = now + ttl.as_millis() as u64;
-            let entry = Arc::new(Entry {
-                kind: Kind::Response,
-                key: key.canonical.clone(),
-                status: head.status,
-                headers: head.headers,
-                body,
-                stored_at: now,
-                fresh_until: until,
-                stale_until: until,
-                fill_ms,
-            });
-            shared.l1.insert(key.hash, entry.clone()).await;
-            shared.counters.incr(Event::stored);
-            finish(&shared, &key, &token, held, lost, Some((&entry, ttl))).await;
+        Led::Cacheable { head, body, fresh } => {
+            let entry = store(&shared, &key, &token, held, lost, head, body, fresh, fill_ms).await;
             Filled::Entry(entry, Outcome::Stored)
+        }
+        Led::Uncacheable(res, _) if res.status().is_server_error() && usable(fallback.clone()).is_some() => {
+            shared.counters.incr(Event::upstream_failures);
+            finish(&shared, &key, &token, held, lost, None).await;
+            Filled::Entry(usable(fallback).expect("checked"), Outcome::StaleIfError)
         }
         Led::Uncacheable(res, reason) => {
             tracing::debug!(key = %key.hex, reason, "answer not stored; hit-for-pass");
@@ -131,6 +141,7 @@ where
                     body: Bytes::new(),
                     stored_at: now,
                     fresh_until: until,
+                    revalidate_until: until,
                     stale_until: until,
                     fill_ms,
                 }
@@ -142,13 +153,183 @@ where
         Led::Failed(err) => {
             shared.counters.incr(Event::upstream_failures);
             finish(&shared, &key, &token, held, lost, None).await;
-            Filled::Failed(err)
+            match usable(fallback) {
+                Some(stale) => Filled::Entry(stale, Outcome::StaleIfError),
+                None => Filled::Failed(err),
+            }
         }
     }
 }
 
+/// Refreshes `current` in the background, at most once at a time per key in this
+/// process and, through the lock, once in the fleet. Used by stale-while-revalidate and
+/// by early refresh; the request that triggered it has already been answered.
+pub(crate) fn spawn_refresh<S, ReqB, B>(
+    shared: &Arc<Shared>,
+    key: Arc<Key>,
+    req: Request<ReqB>,
+    svc: S,
+    current: Arc<Entry>,
+) where
+    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    if shared.refreshing.contains_key(&key.hash) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if !shared.refreshing.entry(key.hash).or_insert(()).await.is_fresh() {
+            return;
+        }
+        if refresh(&shared, &key, req, svc, &current).await {
+            shared.refreshing.invalidate(&key.hash).await;
+        }
+        // Otherwise the marker stays until it expires or a wake-up for the key arrives:
+        // a failing upstream is retried after a pause, not on every request.
+    });
+}
+
+/// Returns true when the key needs no further refresh for now.
+async fn refresh<S, ReqB, B>(shared: &Shared, key: &Key, req: Request<ReqB>, svc: S, current: &Entry) -> bool
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let token = new_token();
+    let held = match &shared.redis {
+        Some(store) => {
+            // Another node may have refreshed already: adopt its newer value.
+            let mut skip_value = false;
+            loop {
+                match store.check_and_lock(key, &token, shared.cfg.lease, skip_value).await {
+                    Ok(Check::Value(bytes)) => {
+                        if let Ok(entry) = Entry::decode(bytes, &key.canonical) {
+                            if entry.kind == Kind::Response
+                                && entry.stored_at > current.stored_at
+                                && entry.is_fresh_at(now_ms())
+                            {
+                                shared.l1.insert(key.hash, Arc::new(entry)).await;
+                                return true;
+                            }
+                        }
+                        if skip_value {
+                            return false;
+                        }
+                        skip_value = true;
+                    }
+                    Ok(Check::Locked) => {
+                        shared.counters.incr(Event::lock_acquired);
+                        break Held::Redis;
+                    }
+                    Ok(Check::Held(_)) => return false,
+                    Err(e) => {
+                        shared.counters.incr(Event::redis_errors);
+                        tracing::debug!(key = %key.hex, error = %e, "redis unavailable for a refresh");
+                        match shared.cfg.on_redis_error {
+                            FailurePolicy::Open => break Held::Nothing { store: false },
+                            FailurePolicy::Closed => return false,
+                        }
+                    }
+                }
+            }
+        }
+        None => match shared.local_locks.try_lock(key.hash, &token, shared.cfg.lease) {
+            None => Held::Local,
+            Some(_) => return false,
+        },
+    };
+    shared.counters.incr(Event::refreshes);
+    let (led, lost, fill_ms) = lead(shared, key, &token, held, svc, req).await;
+    match led {
+        Led::Cacheable { head, body, fresh } => {
+            store(shared, key, &token, held, lost, head, body, fresh, fill_ms).await;
+            true
+        }
+        Led::Uncacheable(res, reason) if !res.status().is_server_error() => {
+            // The resource became uncacheable: drop the copy; the next request learns why.
+            tracing::debug!(key = %key.hex, reason, "refresh answer not storable; dropping the copy");
+            finish(shared, key, &token, held, lost, None).await;
+            shared.l1.invalidate(&key.hash).await;
+            true
+        }
+        Led::Uncacheable(..) | Led::Failed(_) => {
+            shared.counters.incr(Event::upstream_failures);
+            finish(shared, key, &token, held, lost, None).await;
+            false
+        }
+    }
+}
+
+/// Calls the inner service under the lock held: counts it, times it, guards it.
+async fn lead<S, ReqB, B>(
+    shared: &Shared,
+    key: &Key,
+    token: &str,
+    held: Held,
+    svc: S,
+    req: Request<ReqB>,
+) -> (Led<B, S::Error>, bool, u32)
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    shared.counters.incr(Event::upstream_calls);
+    let started = Instant::now();
+    let (led, lost) = guarded(shared, key, token, held, call_inner(shared, svc, req)).await;
+    let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
+    (led, lost, fill_ms)
+}
+
+/// Builds the entry of a storable answer, puts it in L1, stores it in Redis with the
+/// release and the wake-up.
+#[allow(clippy::too_many_arguments)]
+async fn store(
+    shared: &Shared,
+    key: &Key,
+    token: &str,
+    held: Held,
+    lost: bool,
+    head: http::response::Parts,
+    body: Bytes,
+    fresh: Freshness,
+    fill_ms: u32,
+) -> Arc<Entry> {
+    let now = now_ms();
+    let fresh_until = now + fresh.ttl.as_millis() as u64;
+    let entry = Arc::new(Entry {
+        kind: Kind::Response,
+        key: key.canonical.clone(),
+        status: head.status,
+        headers: head.headers,
+        body,
+        stored_at: now,
+        fresh_until,
+        revalidate_until: fresh_until + fresh.grace.as_millis() as u64,
+        stale_until: fresh_until + fresh.grace.max(fresh.stale_if_error).as_millis() as u64,
+        fill_ms,
+    });
+    shared.l1.insert(key.hash, entry.clone()).await;
+    shared.counters.incr(Event::stored);
+    let ttl = entry.time_to_live(now);
+    finish(shared, key, token, held, lost, Some((&entry, ttl))).await;
+    entry
+}
+
 /// Waits for the key in Redis: a value, the lock, or a policy decision.
-async fn contend_redis(shared: &Arc<Shared>, store: &RedisStore, key: &Key, token: &str) -> Contend {
+async fn contend_redis(
+    shared: &Arc<Shared>,
+    store: &RedisStore,
+    key: &Key,
+    token: &str,
+    fallback: &mut Option<Arc<Entry>>,
+) -> Contend {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let waiting = shared.wakers.register(key.hash);
@@ -160,10 +341,8 @@ async fn contend_redis(shared: &Arc<Shared>, store: &RedisStore, key: &Key, toke
         notified.as_mut().enable();
         match store.check_and_lock(key, token, cfg.lease, skip_value).await {
             Ok(Check::Value(bytes)) => match Entry::decode(bytes, &key.canonical) {
-                Ok(entry) if entry.is_fresh_at(now_ms()) => {
-                    if entry.kind == Kind::Pass {
-                        return Contend::Pass;
-                    }
+                Ok(entry) if entry.kind == Kind::Pass && entry.is_fresh_at(now_ms()) => return Contend::Pass,
+                Ok(entry) if entry.kind == Kind::Response && entry.is_fresh_at(now_ms()) => {
                     let (event, outcome) = if waited {
                         (Event::collapsed_remote, Outcome::CollapsedFleet)
                     } else {
@@ -172,7 +351,15 @@ async fn contend_redis(shared: &Arc<Shared>, store: &RedisStore, key: &Key, toke
                     shared.counters.incr(event);
                     return Contend::Found(Arc::new(entry), outcome);
                 }
-                Ok(_) => skip_value = true,
+                Ok(entry) if entry.kind == Kind::Response && entry.is_revalidatable_at(now_ms()) => {
+                    return Contend::Stale(Arc::new(entry));
+                }
+                Ok(entry) => {
+                    if entry.kind == Kind::Response && entry.is_usable_at(now_ms()) {
+                        keep_newest(fallback, Arc::new(entry));
+                    }
+                    skip_value = true;
+                }
                 Err(e) => {
                     tracing::debug!(key = %key.hex, error = %e, "unusable bytes in redis; treating as a miss");
                     skip_value = true;
@@ -224,8 +411,14 @@ async fn contend_local(shared: &Arc<Shared>, key: &Key, token: &str) -> Contend 
         tokio::pin!(notified);
         notified.as_mut().enable();
         if let Some(entry) = shared.l1.get(&key.hash).await {
-            shared.counters.incr(Event::collapsed_local);
-            return Contend::Found(entry, Outcome::Collapsed);
+            let now = now_ms();
+            if entry.is_fresh_at(now) {
+                shared.counters.incr(Event::collapsed_local);
+                return Contend::Found(entry, Outcome::Collapsed);
+            }
+            if entry.is_revalidatable_at(now) {
+                return Contend::Stale(entry);
+            }
         }
         match shared.local_locks.try_lock(key.hash, token, shared.cfg.lease) {
             None => return Contend::Lead(Held::Local),
@@ -251,8 +444,8 @@ where
         Err(e) => return Led::Failed(Some(e)),
     };
     let (head, body) = res.into_parts();
-    let ttl = match shared.rules.check_response(head.status, &head.headers) {
-        Ok(ttl) => ttl,
+    let fresh = match shared.rules.check_response(head.status, &head.headers) {
+        Ok(fresh) => fresh,
         Err(reason) => return Led::Uncacheable(Response::from_parts(head, StampedeBody::stream(body)), reason),
     };
     let max = shared.rules.max_body;
@@ -295,7 +488,7 @@ where
             buf.freeze()
         }
     };
-    Led::Cacheable { head, body, ttl }
+    Led::Cacheable { head, body, fresh }
 }
 
 /// Runs the inner call under the upstream timeout, catching panics, and extends the

@@ -62,6 +62,7 @@ pub(crate) struct Config {
     pub(crate) upstream_timeout: Duration,
     pub(crate) hit_for_pass: Duration,
     pub(crate) max_takeovers: u32,
+    pub(crate) early_refresh: Option<f64>,
 }
 
 /// State shared by every clone of one layer and the services it built: one "node".
@@ -71,6 +72,9 @@ pub(crate) struct Shared {
     key_fn: Option<KeyFn>,
     pub(crate) l1: Cache<[u8; 32], Arc<Entry>>,
     pub(crate) passes: Option<Cache<[u8; 32], ()>>,
+    /// Keys this process is refreshing in the background (or just failed to refresh: the
+    /// marker then expires on its own, a backoff before the next try).
+    pub(crate) refreshing: Cache<[u8; 32], ()>,
     pub(crate) redis: Option<RedisStore>,
     pub(crate) local_locks: LocalLocks,
     pub(crate) wakers: Arc<Wakers>,
@@ -104,10 +108,22 @@ impl Shared {
         tokio::spawn(crate::wake::subscribe(
             store.conn.client().clone(),
             store.channel.clone(),
-            Arc::downgrade(&self.wakers),
+            Arc::downgrade(self),
             store.conn.timeout(),
             shutdown,
         ));
+    }
+
+    /// Another fill of this key finished somewhere: wake this process's waiters, and drop
+    /// a stale L1 copy so the next request reads the new value.
+    pub(crate) async fn on_wake(&self, hash: [u8; 32]) {
+        self.wakers.wake(&hash);
+        if let Some(entry) = self.l1.get(&hash).await {
+            if !entry.is_fresh_at(now_ms()) {
+                self.l1.invalidate(&hash).await;
+            }
+        }
+        self.refreshing.invalidate(&hash).await;
     }
 }
 
@@ -222,6 +238,7 @@ impl Default for StampedeBuilder {
                 upstream_timeout: Duration::from_secs(30),
                 hit_for_pass: Duration::from_secs(10),
                 max_takeovers: 2,
+                early_refresh: None,
             },
             key_fn: None,
             redis_timeout: Duration::from_millis(100),
@@ -309,6 +326,41 @@ impl StampedeBuilder {
     /// and go straight upstream. `Duration::ZERO` turns it off. Default 10 s.
     pub fn hit_for_pass(mut self, ttl: Duration) -> Self {
         self.cfg.hit_for_pass = ttl;
+        self
+    }
+
+    /// Stale-while-revalidate: for this long after the TTL, requests are answered at once
+    /// from the stale copy while exactly one refresh runs, fleet-wide. With
+    /// [`honor_cache_control`](Self::honor_cache_control), `stale-while-revalidate=N`
+    /// overrides it. Default 0 (off).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.rules.grace = grace;
+        self
+    }
+
+    /// Stale-if-error: for this long after the TTL, a stale copy is served when the
+    /// upstream fails, times out or answers 5xx. With
+    /// [`honor_cache_control`](Self::honor_cache_control), `stale-if-error=N` overrides it.
+    /// Default 0 (off).
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.rules.stale_if_error = window;
+        self
+    }
+
+    /// Early refresh (XFetch, Vattani et al., VLDB 2015): a hit refreshes in the
+    /// background, under the lock, with a probability that rises as expiry nears, scaled
+    /// by `beta` times how long the last fill took. A steadily hot key is then refreshed
+    /// before it expires. `1.0` is the paper's default; larger refreshes earlier.
+    /// Default off.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.cfg.early_refresh = (beta > 0.0 && beta.is_finite()).then_some(beta);
+        self
+    }
+
+    /// Negative caching: store `404` and `410` answers for this long. Default 0 (off:
+    /// they are uncacheable and get a hit-for-pass marker).
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.negative_ttl = ttl;
         self
     }
 
@@ -404,6 +456,10 @@ impl StampedeBuilder {
                 .time_to_live(self.cfg.hit_for_pass)
                 .build()
         });
+        let refreshing = Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(Duration::from_secs(1).max(self.cfg.poll_interval))
+            .build();
         let redis = match self.backend.0 {
             BackendKind::Local => None,
             BackendKind::Redis(client) => Some(RedisStore::new(
@@ -423,6 +479,7 @@ impl StampedeBuilder {
                 key_fn: self.key_fn,
                 l1,
                 passes,
+                refreshing,
                 redis,
                 local_locks: LocalLocks::default(),
                 wakers: Arc::new(Wakers::default()),

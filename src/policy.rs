@@ -45,6 +45,18 @@ pub(crate) struct HttpRules {
     pub(crate) ttl: Duration,
     pub(crate) honor_cache_control: bool,
     pub(crate) max_body: usize,
+    pub(crate) grace: Duration,
+    pub(crate) stale_if_error: Duration,
+    pub(crate) negative_ttl: Duration,
+}
+
+/// How long an answer is fresh, then servable while one refresh runs, then servable when
+/// the upstream fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Freshness {
+    pub(crate) ttl: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) stale_if_error: Duration,
 }
 
 impl Default for HttpRules {
@@ -58,6 +70,9 @@ impl Default for HttpRules {
             ttl: Duration::from_secs(60),
             honor_cache_control: false,
             max_body: 1024 * 1024,
+            grace: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
         }
     }
 }
@@ -97,9 +112,10 @@ impl HttpRules {
         Ok(false)
     }
 
-    /// The time to live of an answer, or why it is not stored.
-    pub(crate) fn check_response(&self, status: StatusCode, headers: &HeaderMap) -> Result<Duration, Reason> {
-        if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
+    /// How long an answer may be used, or why it is not stored.
+    pub(crate) fn check_response(&self, status: StatusCode, headers: &HeaderMap) -> Result<Freshness, Reason> {
+        let negative = matches!(status.as_u16(), 404 | 410) && !self.negative_ttl.is_zero();
+        if !negative && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
             return Err("status");
         }
         for value in headers.get_all(VARY) {
@@ -116,25 +132,34 @@ impl HttpRules {
         if !self.store_set_cookie && headers.contains_key(SET_COOKIE) {
             return Err("set-cookie");
         }
-        let mut max_age = None;
-        let mut s_maxage = None;
+        let (mut max_age, mut s_maxage, mut swr, mut sie) = (None, None, None, None);
         for (name, value) in directives(headers) {
+            let secs = || value.as_deref().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs);
             match name.as_str() {
                 "no-store" | "private" | "no-cache" if self.honor_no_store => return Err("no-store"),
-                "max-age" => max_age = value.and_then(|v| v.parse::<u64>().ok()),
-                "s-maxage" => s_maxage = value.and_then(|v| v.parse::<u64>().ok()),
+                "max-age" => max_age = secs(),
+                "s-maxage" => s_maxage = secs(),
+                "stale-while-revalidate" => swr = secs(),
+                "stale-if-error" => sie = secs(),
                 _ => {}
             }
         }
-        let ttl = if self.honor_cache_control {
-            s_maxage.or(max_age).map(Duration::from_secs).unwrap_or(self.ttl)
-        } else {
-            self.ttl
+        let mut fresh = Freshness {
+            ttl: self.ttl,
+            grace: self.grace,
+            stale_if_error: self.stale_if_error,
         };
-        if ttl.is_zero() {
+        if negative {
+            fresh.ttl = self.negative_ttl;
+        } else if self.honor_cache_control {
+            fresh.ttl = s_maxage.or(max_age).unwrap_or(self.ttl);
+            fresh.grace = swr.unwrap_or(self.grace);
+            fresh.stale_if_error = sie.unwrap_or(self.stale_if_error);
+        }
+        if fresh.ttl.is_zero() {
             return Err("max-age");
         }
-        Ok(ttl)
+        Ok(fresh)
     }
 }
 
@@ -155,7 +180,8 @@ mod tests {
     fn response_rules() {
         let mut rules = HttpRules::default();
         let ok = StatusCode::OK;
-        assert_eq!(rules.check_response(ok, &headers(&[])), Ok(Duration::from_secs(60)));
+        let ttl = |r: Result<Freshness, Reason>| r.map(|f| f.ttl);
+        assert_eq!(ttl(rules.check_response(ok, &headers(&[]))), Ok(Duration::from_secs(60)));
         assert_eq!(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[])), Err("status"));
         assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")])), Err("no-store"));
         assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")])), Err("no-store"));
@@ -166,11 +192,26 @@ mod tests {
         assert!(rules.check_response(ok, &headers(&[("vary", "Accept-Language")])).is_ok());
 
         let cc = headers(&[("cache-control", "max-age=10, s-maxage=\"20\"")]);
-        assert_eq!(rules.check_response(ok, &cc), Ok(Duration::from_secs(60)));
+        assert_eq!(ttl(rules.check_response(ok, &cc)), Ok(Duration::from_secs(60)));
         rules.honor_cache_control = true;
-        assert_eq!(rules.check_response(ok, &cc), Ok(Duration::from_secs(20)));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")])), Ok(Duration::from_secs(7)));
+        assert_eq!(ttl(rules.check_response(ok, &cc)), Ok(Duration::from_secs(20)));
+        assert_eq!(ttl(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")]))), Ok(Duration::from_secs(7)));
         assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=0")])), Err("max-age"));
+        let windows = headers(&[("cache-control", "max-age=5, stale-while-revalidate=30, stale-if-error=600")]);
+        assert_eq!(
+            rules.check_response(ok, &windows),
+            Ok(Freshness {
+                ttl: Duration::from_secs(5),
+                grace: Duration::from_secs(30),
+                stale_if_error: Duration::from_secs(600)
+            })
+        );
+
+        assert_eq!(rules.check_response(StatusCode::NOT_FOUND, &headers(&[])), Err("status"));
+        rules.negative_ttl = Duration::from_secs(3);
+        assert_eq!(ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]))), Ok(Duration::from_secs(3)));
+        assert_eq!(ttl(rules.check_response(StatusCode::GONE, &cc)), Ok(Duration::from_secs(3)));
+        assert_eq!(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[])), Err("status"));
 
         rules.honor_no_store = false;
         rules.store_set_cookie = true;

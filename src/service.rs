@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::body::StampedeBody;
 use crate::envelope::{now_ms, Entry};
-use crate::fill::{fill, Filled};
+use crate::fill::{fill, spawn_refresh, Filled};
 use crate::future::ResponseFuture;
 use crate::layer::Shared;
 use crate::stats::{Event, Stats};
@@ -148,11 +148,26 @@ where
     let head = parts.method == Method::HEAD;
     let req = Request::from_parts(parts, body);
 
+    let mut fallback = None;
     if let Some(entry) = shared.l1.get(&key.hash).await {
-        if entry.is_fresh_at(now_ms()) {
+        let now = now_ms();
+        if entry.is_fresh_at(now) {
             shared.counters.incr(Event::hits_memory);
+            if let Some(beta) = shared.cfg.early_refresh {
+                let r = 1.0 - rand::random::<f64>();
+                if entry.refresh_early(now, beta, r) {
+                    spawn_refresh(&shared, key, req, svc, entry.clone());
+                }
+            }
             return Ok(shared.respond(&entry, Outcome::HitMemory, head));
         }
+        if entry.is_revalidatable_at(now) {
+            spawn_refresh(&shared, key, req, svc, entry.clone());
+            return Ok(shared.respond(&entry, Outcome::Stale, head));
+        }
+        // Past the revalidation window: a miss, with this copy kept for stale-if-error.
+        shared.l1.invalidate(&key.hash).await;
+        fallback = Some(entry).filter(|e| e.is_usable_at(now));
     }
     if shared.is_pass(&key.hash) {
         shared.counters.incr(Event::hit_for_pass);
@@ -172,7 +187,7 @@ where
             .entry(key.hash)
             .or_try_insert_with(async {
                 let (req, svc) = request.take().expect("a request leads at most one flight");
-                let filled = tokio::spawn(fill(shared.clone(), key.clone(), req, svc))
+                let filled = tokio::spawn(fill(shared.clone(), key.clone(), req, svc, fallback.clone()))
                     .await
                     .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "fill task failed");
@@ -193,8 +208,16 @@ where
                 return Ok(shared.respond(entry.value(), outcome, head));
             }
             (Ok(entry), _) => {
-                shared.counters.incr(Event::collapsed_local);
-                return Ok(shared.respond(entry.value(), Outcome::Collapsed, head));
+                let now = now_ms();
+                let outcome = if entry.value().is_fresh_at(now) {
+                    shared.counters.incr(Event::collapsed_local);
+                    Outcome::Collapsed
+                } else if entry.value().is_revalidatable_at(now) {
+                    Outcome::Stale
+                } else {
+                    Outcome::StaleIfError
+                };
+                return Ok(shared.respond(entry.value(), outcome, head));
             }
             (Err(_), Some(Leader::Response(res, outcome))) => {
                 return res.map(|r| shared.stamp(r, outcome));
@@ -259,6 +282,9 @@ impl Shared {
     }
 
     pub(crate) fn respond<B>(&self, entry: &Entry, outcome: Outcome, head: bool) -> Response<StampedeBody<B>> {
+        if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
+            self.counters.incr(Event::stale_served);
+        }
         let body = if head {
             StampedeBody::empty()
         } else {

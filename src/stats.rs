@@ -51,6 +51,12 @@ events! {
     /// Waited on another node's lock and read its answer
     /// (`tower_stampede_collapsed_total{scope="remote"}`).
     collapsed_remote => "tower_stampede_collapsed_total", "scope" = "remote";
+    /// Stale copies served, while revalidating or because the upstream failed
+    /// (`tower_stampede_stale_served_total`).
+    stale_served => "tower_stampede_stale_served_total";
+    /// Refreshes started in the background: stale-while-revalidate or early refresh
+    /// (`tower_stampede_refreshes_total`).
+    refreshes => "tower_stampede_refreshes_total";
     /// Calls made to the inner service for cacheable requests
     /// (`tower_stampede_upstream_calls_total`).
     upstream_calls => "tower_stampede_upstream_calls_total";

@@ -15,6 +15,10 @@ pub(crate) enum Outcome {
     Collapsed,
     /// Waited on another node's lock, then read its answer from Redis.
     CollapsedFleet,
+    /// A stale copy, served at once while one refresh runs (stale-while-revalidate).
+    Stale,
+    /// A stale copy, served because the upstream failed (stale-if-error).
+    StaleIfError,
     /// Went upstream; the answer was not storable.
     Uncacheable,
     /// Went upstream straight away: the key's last answer was not storable.
@@ -39,6 +43,8 @@ impl Outcome {
             Outcome::Stored => "fwd=miss; stored".into(),
             Outcome::Collapsed => "fwd=miss; collapsed".into(),
             Outcome::CollapsedFleet => "fwd=miss; collapsed; detail=fleet".into(),
+            Outcome::Stale => "hit; detail=stale".into(),
+            Outcome::StaleIfError => "fwd=miss; detail=stale-if-error".into(),
             Outcome::Uncacheable => "fwd=miss; detail=uncacheable".into(),
             Outcome::HitForPass => "fwd=bypass; detail=hit-for-pass".into(),
             Outcome::Method => "fwd=method".into(),
@@ -58,6 +64,8 @@ impl Outcome {
             Outcome::Stored => "stored",
             Outcome::Collapsed => "collapsed",
             Outcome::CollapsedFleet => "collapsed-fleet",
+            Outcome::Stale => "stale",
+            Outcome::StaleIfError => "stale-if-error",
             Outcome::Uncacheable => "uncacheable",
             Outcome::HitForPass => "hit-for-pass",
             Outcome::Method => "method",

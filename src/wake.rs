@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+
+use crate::layer::Shared;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -63,7 +65,7 @@ impl Wakers {
 pub(crate) async fn subscribe(
     client: redis::Client,
     channel: String,
-    wakers: Weak<Wakers>,
+    shared: Weak<Shared>,
     timeout: Duration,
     mut shutdown: oneshot::Receiver<()>,
 ) {
@@ -78,9 +80,9 @@ pub(crate) async fn subscribe(
             tracing::debug!(%channel, "subscribed to wake-ups");
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
-                let Some(wakers) = wakers.upgrade() else { return Ok(()) };
+                let Some(shared) = shared.upgrade() else { return Ok(()) };
                 if let Some(hash) = parse_hex(msg.get_payload_bytes()) {
-                    wakers.wake(&hash);
+                    shared.on_wake(hash).await;
                 }
             }
             Err("subscription closed".to_owned())

@@ -1,0 +1,266 @@
+//! Grace, fleet-wide: stale-while-revalidate, stale-if-error, early refresh and negative
+//! caching, against a real redis-server.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use redis::AsyncCommands;
+use support::{cache_status, get, text, RedisServer};
+use tower::{Layer, ServiceExt};
+use tower_stampede::{Backend, StampedeBuilder, StampedeLayer, Stats};
+
+/// Counts calls; answers `"<path> #<n>"` after `delay`, or 500 while `failing`, or 404
+/// for paths under `/missing`.
+#[derive(Clone)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+    failing: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+impl Origin {
+    fn new(delay: Duration) -> Self {
+        Origin { calls: Arc::default(), failing: Arc::default(), delay }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn fail(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
+    }
+
+    fn service(
+        &self,
+    ) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
+           + Clone
+           + Send
+           + Sync
+           + 'static {
+        let this = self.clone();
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let this = this.clone();
+            async move {
+                let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(this.delay).await;
+                let mut res = Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path()))));
+                if this.failing.load(Ordering::SeqCst) {
+                    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                } else if req.uri().path().starts_with("/missing") {
+                    *res.status_mut() = StatusCode::NOT_FOUND;
+                }
+                Ok::<_, Infallible>(res)
+            }
+        })
+    }
+}
+
+fn node(server: &RedisServer) -> StampedeBuilder {
+    StampedeLayer::builder().backend(Backend::redis(server.url()).unwrap())
+}
+
+fn total(layers: &[StampedeLayer], f: impl Fn(Stats) -> u64) -> u64 {
+    layers.iter().map(|l| f(l.stats())).sum()
+}
+
+/// Waits (bounded) until `done` holds, yielding to the runtime in between.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn fire<S>(services: &[S], path: &str, n: usize) -> Vec<(StatusCode, String, String)>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let svc = services[i % services.len()].clone();
+            let (barrier, path) = (barrier.clone(), path.to_owned());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let res = svc.oneshot(get(&path)).await.unwrap();
+                (res.status(), cache_status(&res), text(res).await)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inside_the_grace_window_everyone_gets_the_stale_copy_while_one_refresh_runs() {
+    let server = RedisServer::start();
+    let origin = Origin::new(Duration::from_millis(200));
+    let ttl = Duration::from_millis(300);
+    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).grace(Duration::from_secs(60)).build()).collect();
+    let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
+
+    // Node 0 stores the value; then the TTL passes.
+    assert_eq!(text(services[0].clone().oneshot(get("/swr")).await.unwrap()).await, "/swr #1");
+    tokio::time::sleep(ttl).await;
+
+    let results = fire(&services, "/swr", 100).await;
+    for (status, cs, body) in &results {
+        assert_eq!(*status, StatusCode::OK);
+        assert_eq!(body, "/swr #1");
+        assert!(cs.contains("detail=stale"), "answered from the stale copy: {cs}");
+    }
+    // Exactly one refresh, fleet-wide.
+    until("the refresh to land", || total(&layers, |s| s.stored) == 2).await;
+    assert_eq!(origin.calls(), 2);
+
+    // Every node sees the new value (node 0 through its wake-up, the others from Redis).
+    let results = fire(&services, "/swr", 30).await;
+    for (status, cs, body) in &results {
+        assert_eq!(*status, StatusCode::OK);
+        assert_eq!(body, "/swr #2", "{cs}");
+        assert!(!cs.contains("stale") && !cs.contains("stored"), "{cs}");
+    }
+    assert_eq!(origin.calls(), 2);
+    assert!(total(&layers, |s| s.stale_served) >= 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_refresh_keeps_serving_stale_and_retries_later() {
+    let server = RedisServer::start();
+    let origin = Origin::new(Duration::from_millis(20));
+    let ttl = Duration::from_millis(200);
+    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).grace(Duration::from_secs(60)).build()).collect();
+    let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
+
+    assert_eq!(text(services[0].clone().oneshot(get("/flaky")).await.unwrap()).await, "/flaky #1");
+    tokio::time::sleep(ttl).await;
+    origin.fail(true);
+
+    let results = fire(&services, "/flaky", 30).await;
+    assert!(results.iter().all(|(s, cs, b)| *s == StatusCode::OK && b == "/flaky #1" && cs.contains("stale")));
+    until("the refresh to fail", || total(&layers, |s| s.upstream_failures) >= 1).await;
+    let failed_calls = origin.calls();
+    let results = fire(&services, "/flaky", 30).await;
+    assert!(results.iter().all(|(s, _, b)| *s == StatusCode::OK && b == "/flaky #1"), "stale kept after a failure");
+
+    // Once the upstream recovers, a later refresh lands.
+    origin.fail(false);
+    let mut fresh = None;
+    for _ in 0..400 {
+        let res = services[0].clone().oneshot(get("/flaky")).await.unwrap();
+        let body = text(res).await;
+        if body != "/flaky #1" {
+            fresh = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fresh = fresh.expect("the refresh was never retried");
+    assert!(origin.calls() > failed_calls);
+    assert_eq!(fresh, format!("/flaky #{}", origin.calls()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_the_stale_copy_when_the_upstream_fails() {
+    let server = RedisServer::start();
+    let origin = Origin::new(Duration::ZERO);
+    let ttl = Duration::from_millis(200);
+    let layers: Vec<_> =
+        (0..2).map(|_| node(&server).ttl(ttl).stale_if_error(Duration::from_secs(60)).build()).collect();
+    let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
+
+    assert_eq!(text(services[0].clone().oneshot(get("/sie")).await.unwrap()).await, "/sie #1");
+    tokio::time::sleep(ttl).await;
+    origin.fail(true);
+    for svc in &services {
+        // Node 0 has the copy in memory, node 1 only in Redis.
+        let res = svc.clone().oneshot(get("/sie")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(cache_status(&res).contains("stale-if-error"), "{}", cache_status(&res));
+        assert_eq!(text(res).await, "/sie #1");
+    }
+    // No grace window: once the upstream is back, the next request waits for it.
+    origin.fail(false);
+    let res = services[1].clone().oneshot(get("/sie")).await.unwrap();
+    assert!(cache_status(&res).contains("stored"), "{}", cache_status(&res));
+    assert_eq!(text(res).await, format!("/sie #{}", origin.calls()));
+
+    // Without stale-if-error the failure reaches the client.
+    let plain = node(&server).prefix("plain").ttl(ttl).build().layer(origin.service());
+    plain.clone().oneshot(get("/sie")).await.unwrap();
+    tokio::time::sleep(ttl).await;
+    origin.fail(true);
+    let res = plain.oneshot(get("/sie")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refresh_keeps_a_steadily_hot_key_from_ever_missing() {
+    let server = RedisServer::start();
+    let origin = Origin::new(Duration::from_millis(50));
+    let ttl = Duration::from_millis(600);
+    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).early_refresh(4.0).build()).collect();
+    let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
+
+    let first = services[0].clone().oneshot(get("/hot")).await.unwrap();
+    assert!(cache_status(&first).contains("stored"));
+    // A steady stream across several expiries: nobody waits on the upstream.
+    for i in 0..200 {
+        let res = services[i % 3].clone().oneshot(get("/hot")).await.unwrap();
+        let cs = cache_status(&res);
+        assert!(cs.contains("; hit"), "request {i} was not answered from cache: {cs}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refreshes = total(&layers, |s| s.refreshes);
+    assert!(refreshes >= 2, "the key was refreshed early ({refreshes} refreshes)");
+    assert_eq!(origin.calls() as u64, 1 + refreshes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_entries_are_stored_briefly_and_expire_on_time() {
+    let server = RedisServer::start();
+    let origin = Origin::new(Duration::ZERO);
+    let negative_ttl = Duration::from_millis(300);
+    let layer = node(&server).negative_ttl(negative_ttl).build();
+    let svc = layer.layer(origin.service());
+
+    let res = svc.clone().oneshot(get("/missing/1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert!(cache_status(&res).contains("stored"));
+    let res = svc.clone().oneshot(get("/missing/1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert!(cache_status(&res).contains("hit"));
+    assert_eq!(origin.calls(), 1);
+
+    let mut conn = server.conn().await;
+    let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
+    let pttl: i64 = conn.pttl(&keys[0]).await.unwrap();
+    assert!(pttl > 0 && pttl <= 300, "negative entry lives {pttl} ms");
+
+    tokio::time::sleep(negative_ttl).await;
+    let res = svc.clone().oneshot(get("/missing/1")).await.unwrap();
+    assert!(cache_status(&res).contains("stored"), "expired: {}", cache_status(&res));
+    assert_eq!(origin.calls(), 2);
+
+    // Off by default: a 404 is not stored.
+    let default = node(&server).prefix("default").build().layer(origin.service());
+    let res = default.oneshot(get("/missing/2")).await.unwrap();
+    assert!(cache_status(&res).contains("uncacheable"), "{}", cache_status(&res));
+}
