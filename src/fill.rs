@@ -340,30 +340,9 @@ async fn contend_redis(
         tokio::pin!(notified);
         notified.as_mut().enable();
         match store.check_and_lock(key, token, cfg.lease, skip_value).await {
-            Ok(Check::Value(bytes)) => match Entry::decode(bytes, &key.canonical) {
-                Ok(entry) if entry.kind == Kind::Pass && entry.is_fresh_at(now_ms()) => return Contend::Pass,
-                Ok(entry) if entry.kind == Kind::Response && entry.is_fresh_at(now_ms()) => {
-                    let (event, outcome) = if waited {
-                        (Event::collapsed_remote, Outcome::CollapsedFleet)
-                    } else {
-                        (Event::hits_redis, Outcome::HitRedis)
-                    };
-                    shared.counters.incr(event);
-                    return Contend::Found(Arc::new(entry), outcome);
-                }
-                Ok(entry) if entry.kind == Kind::Response && entry.is_revalidatable_at(now_ms()) => {
-                    return Contend::Stale(Arc::new(entry));
-                }
-                Ok(entry) => {
-                    if entry.kind == Kind::Response && entry.is_usable_at(now_ms()) {
-                        keep_newest(fallback, Arc::new(entry));
-                    }
-                    skip_value = true;
-                }
-                Err(e) => {
-                    tracing::debug!(key = %key.hex, error = %e, "unusable bytes in redis; treating as a miss");
-                    skip_value = true;
-                }
+            Ok(Check::Value(bytes)) => match judge(bytes, key, waited, fallback) {
+                Some(decided) => return decided.counted(shared),
+                None => skip_value = true,
             },
             Ok(Check::Locked) => {
                 shared.counters.incr(Event::lock_acquired);
@@ -386,9 +365,15 @@ async fn contend_redis(
                 let pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
                     .min(pttl + Duration::from_millis(1))
                     .min(cfg.lock_wait - elapsed);
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = tokio::time::sleep(pause) => {}
+                let woken = tokio::select! {
+                    _ = &mut notified => true,
+                    _ = tokio::time::sleep(pause) => false,
+                };
+                // A wake-up that carries the value saves the read.
+                if let Some(bytes) = woken.then(|| waiting.value()).flatten() {
+                    if let Some(decided) = judge(bytes, key, true, fallback) {
+                        return decided.counted(shared);
+                    }
                 }
             }
             Err(e) => {
@@ -400,6 +385,45 @@ async fn contend_redis(
                 };
             }
         }
+    }
+}
+
+/// What stored bytes mean for a fill: `None` when they are unusable (corrupt, foreign,
+/// expired): a miss. A usable-on-error copy is kept as the fallback.
+fn judge(bytes: Bytes, key: &Key, waited: bool, fallback: &mut Option<Arc<Entry>>) -> Option<Contend> {
+    let entry = match Entry::decode(bytes, &key.canonical) {
+        Ok(entry) => entry,
+        Err(e) => {
+            tracing::debug!(key = %key.hex, error = %e, "unusable bytes in redis; treating as a miss");
+            return None;
+        }
+    };
+    let now = now_ms();
+    match entry.kind {
+        Kind::Pass if entry.is_fresh_at(now) => Some(Contend::Pass),
+        Kind::Response if entry.is_fresh_at(now) => {
+            let outcome = if waited { Outcome::CollapsedFleet } else { Outcome::HitRedis };
+            Some(Contend::Found(Arc::new(entry), outcome))
+        }
+        Kind::Response if entry.is_revalidatable_at(now) => Some(Contend::Stale(Arc::new(entry))),
+        Kind::Response if entry.is_usable_at(now) => {
+            keep_newest(fallback, Arc::new(entry));
+            None
+        }
+        _ => None,
+    }
+}
+
+impl Contend {
+    /// Counts a value found in Redis.
+    fn counted(self, shared: &Shared) -> Contend {
+        if let Contend::Found(_, outcome) = &self {
+            shared.counters.incr(match outcome {
+                Outcome::CollapsedFleet => Event::collapsed_remote,
+                _ => Event::hits_redis,
+            });
+        }
+        self
     }
 }
 
@@ -572,7 +596,7 @@ async fn finish(
         }
         (Held::Local, _) => {
             shared.local_locks.release(key.hash, token);
-            shared.wakers.wake(&key.hash);
+            shared.wakers.wake(&key.hash, None);
         }
         _ => {}
     }

@@ -116,8 +116,8 @@ impl Shared {
 
     /// Another fill of this key finished somewhere: wake this process's waiters, and drop
     /// a stale L1 copy so the next request reads the new value.
-    pub(crate) async fn on_wake(&self, hash: [u8; 32]) {
-        self.wakers.wake(&hash);
+    pub(crate) async fn on_wake(&self, hash: [u8; 32], value: Option<bytes::Bytes>) {
+        self.wakers.wake(&hash, value);
         if let Some(entry) = self.l1.get(&hash).await {
             if !entry.is_fresh_at(now_ms()) {
                 self.l1.invalidate(&hash).await;
@@ -241,7 +241,7 @@ impl Default for StampedeBuilder {
                 early_refresh: None,
             },
             key_fn: None,
-            redis_timeout: Duration::from_millis(100),
+            redis_timeout: Duration::from_millis(250),
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(5),
         }
@@ -405,7 +405,8 @@ impl StampedeBuilder {
         self
     }
 
-    /// The deadline on each Redis call. Default 100 ms.
+    /// The deadline on each Redis call, scheduling delay included (a starved runtime
+    /// must not read as a dead Redis). Default 250 ms.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
         self.redis_timeout = timeout;
         self

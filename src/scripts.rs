@@ -40,7 +40,8 @@ return {3, redis.call('PTTL', KEYS[2])}",
 });
 
 /// Store-release-publish. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] bytes,
-/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message.
+/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6] "1" to append the stored
+/// bytes to the message (waiters then need no read).
 /// A holder overwrites; a leader whose lease lapsed only writes where nothing newer stands.
 /// Returns {held 0|1, stored 0|1}.
 pub(crate) static STORE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -54,7 +55,11 @@ if held then
 elseif redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then
     stored = 1
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+if stored == 1 and ARGV[6] == '1' then
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2])
+else
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
 if held then return {1, stored} end
 return {0, stored}",
     )

@@ -111,6 +111,7 @@ impl RedisStore {
                     .arg(millis(ttl))
                     .arg(&self.channel)
                     .arg(&key.hex)
+                    .arg(if bytes.len() <= crate::wake::INLINE_MAX { "1" } else { "0" })
                     .invoke_async(&mut c)
                     .await
             })

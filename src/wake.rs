@@ -6,28 +6,45 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::layer::Shared;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
 use crate::key::parse_hex;
 use crate::lock::jittered;
 
+/// The largest stored value carried inside its wake-up message, so that waiters on other
+/// nodes need no second round trip to read it.
+pub(crate) const INLINE_MAX: usize = 32 * 1024;
+
 /// The fills of this process that wait on some key, by key hash.
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
-    map: Mutex<HashMap<[u8; 32], Arc<Notify>>>,
+    map: Mutex<HashMap<[u8; 32], Arc<Slot>>>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    notify: Notify,
+    /// The value carried by the last wake-up, if it carried one.
+    value: Mutex<Option<Bytes>>,
 }
 
 /// A registration; dropping it unregisters.
 pub(crate) struct Waiting {
     wakers: Arc<Wakers>,
     hash: [u8; 32],
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
 impl Waiting {
     pub(crate) fn notify(&self) -> &Notify {
-        &self.notify
+        &self.slot.notify
+    }
+
+    /// The stored bytes the last wake-up carried.
+    pub(crate) fn value(&self) -> Option<Bytes> {
+        self.slot.value.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -35,7 +52,7 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         let mut map = self.wakers.map.lock().unwrap_or_else(|e| e.into_inner());
         // The map's reference and ours: nobody else waits on this key.
-        if Arc::strong_count(&self.notify) <= 2 {
+        if Arc::strong_count(&self.slot) <= 2 {
             map.remove(&self.hash);
         }
     }
@@ -44,20 +61,28 @@ impl Drop for Waiting {
 impl Wakers {
     pub(crate) fn register(self: &Arc<Self>, hash: [u8; 32]) -> Waiting {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let notify = map.entry(hash).or_default().clone();
+        let slot = map.entry(hash).or_default().clone();
         Waiting {
             wakers: self.clone(),
             hash,
-            notify,
+            slot,
         }
     }
 
-    pub(crate) fn wake(&self, hash: &[u8; 32]) {
+    pub(crate) fn wake(&self, hash: &[u8; 32], value: Option<Bytes>) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get(hash) {
-            n.notify_waiters();
+        if let Some(slot) = map.get(hash) {
+            *slot.value.lock().unwrap_or_else(|e| e.into_inner()) = value;
+            slot.notify.notify_waiters();
         }
     }
+}
+
+/// A wake-up message: the key hash in hex, then possibly the stored bytes.
+pub(crate) fn parse_message(payload: &[u8]) -> Option<([u8; 32], Option<Bytes>)> {
+    let hash = parse_hex(payload.get(..64)?)?;
+    let value = (payload.len() > 64).then(|| Bytes::copy_from_slice(&payload[64..]));
+    Some((hash, value))
 }
 
 /// Keeps one subscription to `channel` alive until `shutdown` fires (the layer was
@@ -81,8 +106,8 @@ pub(crate) async fn subscribe(
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
                 let Some(shared) = shared.upgrade() else { return Ok(()) };
-                if let Some(hash) = parse_hex(msg.get_payload_bytes()) {
-                    shared.on_wake(hash).await;
+                if let Some((hash, value)) = parse_message(msg.get_payload_bytes()) {
+                    shared.on_wake(hash, value).await;
                 }
             }
             Err("subscription closed".to_owned())

@@ -17,8 +17,12 @@ use tokio::sync::{Barrier, Notify};
 use tower::{Layer, Service, ServiceExt};
 use tower_stampede::{Backend, StampedeBuilder, StampedeLayer};
 
+/// A node on `server`. The deadline is generous: these tests are about coalescing, and a
+/// test machine running other suites at once must not look like a slow Redis.
 fn node(server: &RedisServer) -> StampedeBuilder {
-    StampedeLayer::builder().backend(Backend::redis(server.url()).unwrap())
+    StampedeLayer::builder()
+        .backend(Backend::redis(server.url()).unwrap())
+        .redis_timeout(Duration::from_secs(1))
 }
 
 fn nodes(server: &RedisServer, n: usize) -> Vec<StampedeLayer> {

@@ -64,7 +64,10 @@ impl Origin {
 }
 
 fn node(server: &RedisServer) -> StampedeBuilder {
-    StampedeLayer::builder().backend(Backend::redis(server.url()).unwrap())
+    // A generous deadline: a busy test machine must not look like a slow Redis here.
+    StampedeLayer::builder()
+        .backend(Backend::redis(server.url()).unwrap())
+        .redis_timeout(Duration::from_secs(1))
 }
 
 fn total(layers: &[StampedeLayer], f: impl Fn(Stats) -> u64) -> u64 {
