@@ -282,7 +282,7 @@ where
 {
     shared.counters.incr(Event::upstream_calls);
     let started = Instant::now();
-    let (led, lost) = guarded(shared, key, token, held, call_inner(shared, svc, req)).await;
+    let (led, lost) = guarded(shared, key, token, held, call_inner(shared, key.per_user, svc, req)).await;
     let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
     (led, lost, fill_ms)
 }
@@ -457,7 +457,7 @@ async fn contend_local(shared: &Arc<Shared>, key: &Key, token: &str) -> Contend 
 }
 
 /// Calls the inner service once and buffers a storable body up to the limit.
-async fn call_inner<S, ReqB, B>(shared: &Shared, mut svc: S, req: Request<ReqB>) -> Led<B, S::Error>
+async fn call_inner<S, ReqB, B>(shared: &Shared, per_user: bool, mut svc: S, req: Request<ReqB>) -> Led<B, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
     B: Body<Data = Bytes>,
@@ -468,7 +468,7 @@ where
         Err(e) => return Led::Failed(Some(e)),
     };
     let (head, body) = res.into_parts();
-    let fresh = match shared.rules.check_response(head.status, &head.headers) {
+    let fresh = match shared.rules.check_response(head.status, &head.headers, per_user) {
         Ok(fresh) => fresh,
         Err(reason) => return Led::Uncacheable(Response::from_parts(head, StampedeBody::stream(body)), reason),
     };

@@ -46,23 +46,29 @@ pub(crate) struct Key {
     pub(crate) canonical: String,
     pub(crate) hash: [u8; 32],
     pub(crate) hex: String,
+    /// Cached per user: the credentials are part of the key.
+    pub(crate) per_user: bool,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 impl Key {
     /// Builds the key from a canonical base plus the values of the varied headers and, for
-    /// per-user caching, the credentials.
+    /// per-user caching, a hash of the credentials (the canonical key is stored in Redis:
+    /// credentials never are).
     pub(crate) fn new(
         mut canonical: String,
         parts: &Parts,
         vary: &[HeaderName],
         per_user: bool,
     ) -> Key {
-        let user_headers: &[HeaderName] = if per_user {
-            &[http::header::AUTHORIZATION, http::header::COOKIE]
-        } else {
-            &[]
-        };
-        for name in vary.iter().chain(user_headers) {
+        for name in vary {
             let _ = write!(canonical, "\n{name}:");
             for (i, v) in parts.headers.get_all(name).iter().enumerate() {
                 if i > 0 {
@@ -71,15 +77,24 @@ impl Key {
                 canonical.push_str(&String::from_utf8_lossy(v.as_bytes()));
             }
         }
-        let hash: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
-        let mut hex = String::with_capacity(64);
-        for b in hash {
-            let _ = write!(hex, "{b:02x}");
+        if per_user {
+            let mut user = Sha256::new();
+            for name in [http::header::AUTHORIZATION, http::header::COOKIE] {
+                for v in parts.headers.get_all(&name) {
+                    user.update(name.as_str());
+                    user.update(b":");
+                    user.update(v.as_bytes());
+                    user.update(b"\n");
+                }
+            }
+            let _ = write!(canonical, "\nuser:{}", hex(&user.finalize()));
         }
+        let hash: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
         Key {
+            hex: hex(&hash),
             canonical,
             hash,
-            hex,
+            per_user,
         }
     }
 }
@@ -120,9 +135,8 @@ mod tests {
 
         let u1 = parts(http::Request::get("http://h/p").header("authorization", "Bearer 1").body(()).unwrap());
         let u2 = parts(http::Request::get("http://h/p").header("authorization", "Bearer 2").body(()).unwrap());
-        assert_ne!(
-            Key::new(default_key(&u1), &u1, &[], true).hash,
-            Key::new(default_key(&u2), &u2, &[], true).hash
-        );
+        let k1 = Key::new(default_key(&u1), &u1, &[], true);
+        assert_ne!(k1.hash, Key::new(default_key(&u2), &u2, &[], true).hash);
+        assert!(!k1.canonical.contains("Bearer"), "credentials stay out of the stored key");
     }
 }

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, SET_COOKIE, VARY};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
+};
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
 use crate::status::Outcome;
@@ -102,6 +105,10 @@ impl HttpRules {
         if !self.methods.contains(method) {
             return Err(Outcome::Method);
         }
+        // A partial answer is not the resource: never stored, and no marker either.
+        if headers.contains_key(RANGE) {
+            return Err(Outcome::Bypass("range"));
+        }
         if headers.contains_key(AUTHORIZATION) || headers.contains_key(COOKIE) {
             return match self.private_requests {
                 PrivateRequests::Bypass => Err(Outcome::Bypass("private")),
@@ -112,8 +119,14 @@ impl HttpRules {
         Ok(false)
     }
 
-    /// How long an answer may be used, or why it is not stored.
-    pub(crate) fn check_response(&self, status: StatusCode, headers: &HeaderMap) -> Result<Freshness, Reason> {
+    /// How long an answer may be used, or why it is not stored. `per_user` answers may
+    /// vary on the credentials, which their key already holds.
+    pub(crate) fn check_response(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        per_user: bool,
+    ) -> Result<Freshness, Reason> {
         let negative = matches!(status.as_u16(), 404 | 410) && !self.negative_ttl.is_zero();
         if !negative && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
             return Err("status");
@@ -124,7 +137,11 @@ impl HttpRules {
                 if name == "*" {
                     return Err("vary-star");
                 }
-                if !self.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(name)) {
+                let keyed = self.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(name))
+                    || (per_user
+                        && (name.eq_ignore_ascii_case(AUTHORIZATION.as_str())
+                            || name.eq_ignore_ascii_case(COOKIE.as_str())));
+                if !keyed {
                     return Err("vary");
                 }
             }
@@ -163,6 +180,23 @@ impl HttpRules {
     }
 }
 
+/// Removes the request's validators before it may go upstream on behalf of everyone (a
+/// 304 is not a storable answer); returns its `If-None-Match`, answered from the entry.
+pub(crate) fn strip_conditionals(headers: &mut HeaderMap) -> Option<http::HeaderValue> {
+    for name in [IF_MODIFIED_SINCE, IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE] {
+        headers.remove(name);
+    }
+    headers.remove(IF_NONE_MATCH)
+}
+
+/// Whether an `If-None-Match` value matches the stored `ETag` (weak comparison).
+pub(crate) fn etag_matches(if_none_match: &http::HeaderValue, stored: &HeaderMap) -> bool {
+    let Some(etag) = stored.get(ETAG).and_then(|e| e.to_str().ok()) else { return false };
+    let Ok(wanted) = if_none_match.to_str() else { return false };
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    wanted.split(',').any(|t| t.trim() == "*" || opaque(t) == opaque(etag))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,25 +215,25 @@ mod tests {
         let mut rules = HttpRules::default();
         let ok = StatusCode::OK;
         let ttl = |r: Result<Freshness, Reason>| r.map(|f| f.ttl);
-        assert_eq!(ttl(rules.check_response(ok, &headers(&[]))), Ok(Duration::from_secs(60)));
-        assert_eq!(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[])), Err("status"));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")])), Err("no-store"));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")])), Err("no-store"));
-        assert_eq!(rules.check_response(ok, &headers(&[("set-cookie", "a=b")])), Err("set-cookie"));
-        assert_eq!(rules.check_response(ok, &headers(&[("vary", "*")])), Err("vary-star"));
-        assert_eq!(rules.check_response(ok, &headers(&[("vary", "accept-language")])), Err("vary"));
+        assert_eq!(ttl(rules.check_response(ok, &headers(&[]), false)), Ok(Duration::from_secs(60)));
+        assert_eq!(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[]), false), Err("status"));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")]), false), Err("no-store"));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")]), false), Err("no-store"));
+        assert_eq!(rules.check_response(ok, &headers(&[("set-cookie", "a=b")]), false), Err("set-cookie"));
+        assert_eq!(rules.check_response(ok, &headers(&[("vary", "*")]), false), Err("vary-star"));
+        assert_eq!(rules.check_response(ok, &headers(&[("vary", "accept-language")]), false), Err("vary"));
         rules.vary.push(HeaderName::from_static("accept-language"));
-        assert!(rules.check_response(ok, &headers(&[("vary", "Accept-Language")])).is_ok());
+        assert!(rules.check_response(ok, &headers(&[("vary", "Accept-Language")]), false).is_ok());
 
         let cc = headers(&[("cache-control", "max-age=10, s-maxage=\"20\"")]);
-        assert_eq!(ttl(rules.check_response(ok, &cc)), Ok(Duration::from_secs(60)));
+        assert_eq!(ttl(rules.check_response(ok, &cc, false)), Ok(Duration::from_secs(60)));
         rules.honor_cache_control = true;
-        assert_eq!(ttl(rules.check_response(ok, &cc)), Ok(Duration::from_secs(20)));
-        assert_eq!(ttl(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")]))), Ok(Duration::from_secs(7)));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=0")])), Err("max-age"));
+        assert_eq!(ttl(rules.check_response(ok, &cc, false)), Ok(Duration::from_secs(20)));
+        assert_eq!(ttl(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")]), false)), Ok(Duration::from_secs(7)));
+        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=0")]), false), Err("max-age"));
         let windows = headers(&[("cache-control", "max-age=5, stale-while-revalidate=30, stale-if-error=600")]);
         assert_eq!(
-            rules.check_response(ok, &windows),
+            rules.check_response(ok, &windows, false),
             Ok(Freshness {
                 ttl: Duration::from_secs(5),
                 grace: Duration::from_secs(30),
@@ -207,15 +241,36 @@ mod tests {
             })
         );
 
-        assert_eq!(rules.check_response(StatusCode::NOT_FOUND, &headers(&[])), Err("status"));
+        assert_eq!(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false), Err("status"));
         rules.negative_ttl = Duration::from_secs(3);
-        assert_eq!(ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]))), Ok(Duration::from_secs(3)));
-        assert_eq!(ttl(rules.check_response(StatusCode::GONE, &cc)), Ok(Duration::from_secs(3)));
-        assert_eq!(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[])), Err("status"));
+        assert_eq!(ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false)), Ok(Duration::from_secs(3)));
+        assert_eq!(ttl(rules.check_response(StatusCode::GONE, &cc, false)), Ok(Duration::from_secs(3)));
+        assert_eq!(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false), Err("status"));
+
+        let vary_auth = headers(&[("vary", "Authorization, Cookie")]);
+        assert_eq!(rules.check_response(ok, &vary_auth, false), Err("vary"));
+        assert!(rules.check_response(ok, &vary_auth, true).is_ok(), "per-user keys hold the credentials");
 
         rules.honor_no_store = false;
         rules.store_set_cookie = true;
-        assert!(rules.check_response(ok, &headers(&[("cache-control", "no-store"), ("set-cookie", "a=b")])).is_ok());
+        assert!(rules.check_response(ok, &headers(&[("cache-control", "no-store"), ("set-cookie", "a=b")]), false).is_ok());
+    }
+
+    #[test]
+    fn conditionals_are_stripped_and_answered_from_the_etag() {
+        let mut h = headers(&[
+            ("if-none-match", "W/\"v1\", \"v2\""),
+            ("if-modified-since", "Tue, 01 Jan 2030 00:00:00 GMT"),
+            ("accept", "*/*"),
+        ]);
+        let inm = strip_conditionals(&mut h).unwrap();
+        assert!(!h.contains_key("if-modified-since") && !h.contains_key("if-none-match"));
+        assert!(h.contains_key("accept"));
+        assert!(etag_matches(&inm, &headers(&[("etag", "\"v1\"")])));
+        assert!(etag_matches(&inm, &headers(&[("etag", "W/\"v2\"")])));
+        assert!(!etag_matches(&inm, &headers(&[("etag", "\"v3\"")])));
+        assert!(!etag_matches(&inm, &headers(&[])));
+        assert!(etag_matches(&HeaderValue::from_static("*"), &headers(&[("etag", "\"x\"")])));
     }
 
     #[test]
@@ -223,6 +278,10 @@ mod tests {
         let mut rules = HttpRules::default();
         assert_eq!(rules.check_request(&Method::GET, &headers(&[])), Ok(false));
         assert_eq!(rules.check_request(&Method::POST, &headers(&[])), Err(Outcome::Method));
+        assert_eq!(
+            rules.check_request(&Method::GET, &headers(&[("range", "bytes=0-1")])),
+            Err(Outcome::Bypass("range"))
+        );
         let auth = headers(&[("authorization", "Bearer x")]);
         assert_eq!(rules.check_request(&Method::GET, &auth), Err(Outcome::Bypass("private")));
         rules.private_requests = PrivateRequests::PerUser;

@@ -16,6 +16,7 @@ use crate::envelope::{now_ms, Entry};
 use crate::fill::{fill, spawn_refresh, Filled};
 use crate::future::ResponseFuture;
 use crate::layer::Shared;
+use crate::policy::{etag_matches, strip_conditionals};
 use crate::stats::{Event, Stats};
 use crate::status::Outcome;
 use crate::BoxError;
@@ -107,6 +108,13 @@ where
     }
 }
 
+/// What the client asked beyond the key: a body or not, and its validator.
+#[derive(Clone, Copy)]
+pub(crate) struct Ask<'a> {
+    head: bool,
+    if_none_match: Option<&'a HeaderValue>,
+}
+
 /// What the leader of a local flight learned, beyond the shared entry.
 enum Leader<B, E> {
     Entry(Outcome),
@@ -136,7 +144,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let key = match shared.key_for(&parts) {
         Ok(key) => Arc::new(key),
         Err(outcome) => {
@@ -146,6 +154,9 @@ where
     };
     tracing::Span::current().record("key", &key.hex[..16]);
     let head = parts.method == Method::HEAD;
+    // What goes upstream does so for everyone: without this client's validators.
+    let if_none_match = strip_conditionals(&mut parts.headers);
+    let ask = Ask { head, if_none_match: if_none_match.as_ref() };
     let req = Request::from_parts(parts, body);
 
     let mut fallback = None;
@@ -159,11 +170,11 @@ where
                     spawn_refresh(&shared, key, req, svc, entry.clone());
                 }
             }
-            return Ok(shared.respond(&entry, Outcome::HitMemory, head));
+            return Ok(shared.respond(&entry, Outcome::HitMemory, ask));
         }
         if entry.is_revalidatable_at(now) {
             spawn_refresh(&shared, key, req, svc, entry.clone());
-            return Ok(shared.respond(&entry, Outcome::Stale, head));
+            return Ok(shared.respond(&entry, Outcome::Stale, ask));
         }
         // Past the revalidation window: a miss, with this copy kept for stale-if-error.
         shared.l1.invalidate(&key.hash).await;
@@ -205,7 +216,7 @@ where
             .await;
         match (flight, leader) {
             (Ok(entry), Some(Leader::Entry(outcome))) => {
-                return Ok(shared.respond(entry.value(), outcome, head));
+                return Ok(shared.respond(entry.value(), outcome, ask));
             }
             (Ok(entry), _) => {
                 let now = now_ms();
@@ -217,7 +228,7 @@ where
                 } else {
                     Outcome::StaleIfError
                 };
-                return Ok(shared.respond(entry.value(), outcome, head));
+                return Ok(shared.respond(entry.value(), outcome, ask));
             }
             (Err(_), Some(Leader::Response(res, outcome))) => {
                 return res.map(|r| shared.stamp(r, outcome));
@@ -281,18 +292,25 @@ impl Shared {
         res
     }
 
-    pub(crate) fn respond<B>(&self, entry: &Entry, outcome: Outcome, head: bool) -> Response<StampedeBody<B>> {
+    pub(crate) fn respond<B>(&self, entry: &Entry, outcome: Outcome, ask: Ask<'_>) -> Response<StampedeBody<B>> {
         if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
             self.counters.incr(Event::stale_served);
         }
-        let body = if head {
+        let not_modified = entry.status == StatusCode::OK
+            && ask.if_none_match.is_some_and(|inm| etag_matches(inm, &entry.headers));
+        let body = if ask.head || not_modified {
             StampedeBody::empty()
         } else {
             StampedeBody::full(entry.body.clone())
         };
         let mut res = Response::new(body);
-        *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers.clone();
+        if not_modified {
+            *res.status_mut() = StatusCode::NOT_MODIFIED;
+            res.headers_mut().remove(http::header::CONTENT_LENGTH);
+        } else {
+            *res.status_mut() = entry.status;
+        }
         res.headers_mut().insert(AGE, HeaderValue::from(entry.age_secs(now_ms())));
         self.stamp(res, outcome)
     }
