@@ -123,6 +123,17 @@ impl RedisConn {
         if !self.breaker.allows() {
             return Err(BackendError::CircuitOpen);
         }
+        self.run_always(op).await
+    }
+
+    /// Runs one Redis operation under the deadline even while the breaker is open: for a
+    /// lock holder's store, release and extension, which must not strand its lock until the
+    /// lease runs out because other requests failed.
+    pub(crate) async fn run_always<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let result = match self.manager() {
             Ok(conn) => match tokio::time::timeout(self.timeout, op(conn)).await {
                 Ok(Ok(v)) => Ok(v),

@@ -63,6 +63,17 @@ enum Led<B, E> {
     Failed(Option<E>),
 }
 
+impl<B, E> Led<B, E> {
+    /// The upstream answered 5xx.
+    fn is_server_error(&self) -> bool {
+        match self {
+            Led::Cacheable { head, .. } => head.status.is_server_error(),
+            Led::Uncacheable(res, _) => res.status().is_server_error(),
+            Led::Failed(_) => false,
+        }
+    }
+}
+
 /// A copy to serve if the upstream fails: the newest usable one.
 fn keep_newest(fallback: &mut Option<Arc<Entry>>, candidate: Arc<Entry>) {
     if fallback.as_ref().is_none_or(|f| f.stored_at < candidate.stored_at) {
@@ -116,15 +127,17 @@ where
     };
 
     let (led, lost, fill_ms) = lead(&shared, &key, &token, held, svc, req).await;
+    if led.is_server_error() {
+        shared.counters.incr(Event::upstream_failures);
+        if let Some(stale) = usable(fallback.clone()) {
+            finish(&shared, &key, &token, held, lost, None).await;
+            return Filled::Entry(stale, Outcome::StaleIfError);
+        }
+    }
     match led {
         Led::Cacheable { head, body, fresh } => {
             let entry = store(&shared, &key, &token, held, lost, head, body, fresh, fill_ms).await;
             Filled::Entry(entry, Outcome::Stored)
-        }
-        Led::Uncacheable(res, _) if res.status().is_server_error() && usable(fallback.clone()).is_some() => {
-            shared.counters.incr(Event::upstream_failures);
-            finish(&shared, &key, &token, held, lost, None).await;
-            Filled::Entry(usable(fallback).expect("checked"), Outcome::StaleIfError)
         }
         Led::Uncacheable(res, reason) => {
             tracing::debug!(key = %key.hex, reason, "answer not stored; hit-for-pass");
@@ -246,6 +259,12 @@ where
     };
     shared.counters.incr(Event::refreshes);
     let (led, lost, fill_ms) = lead(shared, key, &token, held, svc, req).await;
+    if led.is_server_error() {
+        // Keep the copy we have; try again after the back-off.
+        shared.counters.incr(Event::upstream_failures);
+        finish(shared, key, &token, held, lost, None).await;
+        return false;
+    }
     match led {
         Led::Cacheable { head, body, fresh } => {
             store(shared, key, &token, held, lost, head, body, fresh, fill_ms).await;
@@ -259,7 +278,9 @@ where
             true
         }
         Led::Uncacheable(..) | Led::Failed(_) => {
-            shared.counters.incr(Event::upstream_failures);
+            if matches!(led, Led::Failed(_)) {
+                shared.counters.incr(Event::upstream_failures);
+            }
             finish(shared, key, &token, held, lost, None).await;
             false
         }

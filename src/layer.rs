@@ -364,6 +364,16 @@ impl StampedeBuilder {
         self
     }
 
+    /// Upstream errors (5xx): the one answer is shared with everyone waiting on it and
+    /// kept this long, so a failing upstream gets one call per key per period, fleet-wide,
+    /// instead of a stampede. A usable stale copy is served instead when there is one
+    /// ([`stale_if_error`](Self::stale_if_error)). `Duration::ZERO` passes errors through
+    /// with a hit-for-pass marker, like any uncacheable answer. Default 1 s.
+    pub fn error_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.error_ttl = ttl;
+        self
+    }
+
     /// The lock's lease; it is extended every third of it while the inner call runs.
     /// Default 5 s.
     pub fn lease(mut self, lease: Duration) -> Self {

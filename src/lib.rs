@@ -29,3 +29,51 @@ pub use stats::Stats;
 
 /// The boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Internals for the benchmarks in `benches/`; not part of the API.
+#[doc(hidden)]
+pub mod __bench {
+    use bytes::Bytes;
+
+    use crate::envelope::{Entry, Kind};
+
+    /// A stored response of `body_len` bytes with a few typical headers.
+    pub struct Envelope(Entry);
+
+    impl Envelope {
+        /// Builds the sample.
+        pub fn sample(key: &str, body_len: usize) -> Envelope {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("content-type", http::HeaderValue::from_static("application/json"));
+            headers.insert("etag", http::HeaderValue::from_static("\"5d8c72a5edda8d6a\""));
+            headers.insert("cache-control", http::HeaderValue::from_static("public, max-age=60"));
+            Envelope(Entry {
+                kind: Kind::Response,
+                key: key.to_owned(),
+                status: http::StatusCode::OK,
+                headers,
+                body: Bytes::from(vec![b'x'; body_len]),
+                stored_at: 1,
+                fresh_until: 2,
+                revalidate_until: 3,
+                stale_until: 4,
+                fill_ms: 5,
+            })
+        }
+
+        /// Encodes it.
+        pub fn encode(&self) -> Vec<u8> {
+            self.0.encode()
+        }
+
+        /// Decodes `bytes` for `key`; true when valid.
+        pub fn decode(bytes: Bytes, key: &str) -> bool {
+            Entry::decode(bytes, key).is_ok()
+        }
+    }
+
+    /// The default key of a request, hashed as the layer does.
+    pub fn key_hash(parts: &http::request::Parts) -> [u8; 32] {
+        crate::key::Key::new(crate::key::default_key(parts), parts, &[], false).hash
+    }
+}

@@ -51,6 +51,7 @@ pub(crate) struct HttpRules {
     pub(crate) grace: Duration,
     pub(crate) stale_if_error: Duration,
     pub(crate) negative_ttl: Duration,
+    pub(crate) error_ttl: Duration,
 }
 
 /// How long an answer is fresh, then servable while one refresh runs, then servable when
@@ -76,6 +77,7 @@ impl Default for HttpRules {
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             negative_ttl: Duration::ZERO,
+            error_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -127,8 +129,13 @@ impl HttpRules {
         headers: &HeaderMap,
         per_user: bool,
     ) -> Result<Freshness, Reason> {
-        let negative = matches!(status.as_u16(), 404 | 410) && !self.negative_ttl.is_zero();
-        if !negative && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
+        // Negative answers and upstream errors: kept briefly, never served stale.
+        let short = match status.as_u16() {
+            404 | 410 if !self.negative_ttl.is_zero() => Some(self.negative_ttl),
+            500..=599 if !self.error_ttl.is_zero() => Some(self.error_ttl),
+            _ => None,
+        };
+        if short.is_none() && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
             return Err("status");
         }
         for value in headers.get_all(VARY) {
@@ -166,8 +173,8 @@ impl HttpRules {
             grace: self.grace,
             stale_if_error: self.stale_if_error,
         };
-        if negative {
-            fresh.ttl = self.negative_ttl;
+        if let Some(ttl) = short {
+            fresh = Freshness { ttl, grace: Duration::ZERO, stale_if_error: Duration::ZERO };
         } else if self.honor_cache_control {
             fresh.ttl = s_maxage.or(max_age).unwrap_or(self.ttl);
             fresh.grace = swr.unwrap_or(self.grace);
@@ -216,7 +223,8 @@ mod tests {
         let ok = StatusCode::OK;
         let ttl = |r: Result<Freshness, Reason>| r.map(|f| f.ttl);
         assert_eq!(ttl(rules.check_response(ok, &headers(&[]), false)), Ok(Duration::from_secs(60)));
-        assert_eq!(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[]), false), Err("status"));
+        assert_eq!(ttl(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[]), false)), Ok(Duration::from_secs(1)));
+        assert_eq!(rules.check_response(StatusCode::FORBIDDEN, &headers(&[]), false), Err("status"));
         assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")]), false), Err("no-store"));
         assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")]), false), Err("no-store"));
         assert_eq!(rules.check_response(ok, &headers(&[("set-cookie", "a=b")]), false), Err("set-cookie"));
@@ -245,6 +253,8 @@ mod tests {
         rules.negative_ttl = Duration::from_secs(3);
         assert_eq!(ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false)), Ok(Duration::from_secs(3)));
         assert_eq!(ttl(rules.check_response(StatusCode::GONE, &cc, false)), Ok(Duration::from_secs(3)));
+        assert_eq!(ttl(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false)), Ok(Duration::from_secs(1)));
+        rules.error_ttl = Duration::ZERO;
         assert_eq!(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false), Err("status"));
 
         let vary_auth = headers(&[("vary", "Authorization, Cookie")]);

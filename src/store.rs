@@ -102,7 +102,7 @@ impl RedisStore {
         let (vk, lk) = (self.value_key(key), self.lock_key(key));
         let reply: Vec<i64> = self
             .conn
-            .run(|mut c| async move {
+            .run_always(|mut c| async move {
                 scripts::STORE_RELEASE
                     .key(vk)
                     .key(lk)
@@ -124,7 +124,7 @@ impl RedisStore {
         let lk = self.lock_key(key);
         let held: i64 = self
             .conn
-            .run(|mut c| async move {
+            .run_always(|mut c| async move {
                 scripts::RELEASE_PUBLISH
                     .key(lk)
                     .arg(token)
@@ -141,7 +141,7 @@ impl RedisStore {
         let lk = self.lock_key(key);
         let n: i64 = self
             .conn
-            .run(|mut c| async move {
+            .run_always(|mut c| async move {
                 scripts::EXTEND
                     .key(lk)
                     .arg(token)

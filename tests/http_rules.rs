@@ -545,14 +545,16 @@ async fn uncacheable_answers_are_not_stored_and_mark_hit_for_pass() {
         ),
     ];
     for (what, inner) in cases {
-        assert_not_stored_then_hit_for_pass(StampedeLayer::builder().build(), inner, what).await;
+        // With error_ttl off, a 5xx is one more uncacheable answer.
+        let layer = StampedeLayer::builder().error_ttl(Duration::ZERO).build();
+        assert_not_stored_then_hit_for_pass(layer, inner, what).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncacheable_status_500_is_passed_through_as_is() {
     let inner = Scripted::new(StatusCode::INTERNAL_SERVER_ERROR, &[("x-upstream", "yes")]);
-    let svc = StampedeLayer::builder().build().layer(inner.service());
+    let svc = StampedeLayer::builder().error_ttl(Duration::ZERO).build().layer(inner.service());
     for n in 1..=2 {
         let res = call(&svc, get("/err")).await;
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -560,6 +562,46 @@ async fn uncacheable_status_500_is_passed_through_as_is() {
         assert_eq!(text(res).await, format!("/err #{n}"));
     }
     assert_eq!(inner.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_error_is_shared_with_every_waiter_and_kept_briefly() {
+    let server = RedisServer::start();
+    let inner = Scripted::new(StatusCode::BAD_GATEWAY, &[("x-upstream", "yes")]);
+    let gate = Arc::new(Semaphore::new(0));
+    let gated = {
+        let (svc, gate) = (inner.service(), gate.clone());
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let (svc, gate) = (svc.clone(), gate.clone());
+            async move {
+                let _p = gate.acquire().await.unwrap();
+                svc.oneshot(req).await
+            }
+        })
+    };
+    let layers: Vec<_> = (0..3)
+        .map(|_| {
+            StampedeLayer::builder()
+                .backend(Backend::redis(server.url()).unwrap())
+                .redis_timeout(Duration::from_secs(1))
+                .error_ttl(Duration::from_secs(30))
+                .build()
+        })
+        .collect();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| tokio::spawn(layers[i % 3].layer(gated.clone()).oneshot(get("/down"))))
+        .collect();
+    while layers.iter().map(|l| l.stats().misses).sum::<u64>() < 30 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1000);
+    for t in tasks {
+        let res = t.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(res.headers().get("x-upstream").unwrap(), "yes");
+        assert_eq!(text(res).await, "/down #1");
+    }
+    assert_eq!(inner.calls(), 1, "a failing upstream is not stampeded");
 }
 
 /// The first request stores, the second is a memory hit with the same answer.

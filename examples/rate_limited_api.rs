@@ -1,0 +1,547 @@
+//! The locksmith pattern, client side: a fleet of API clients that never trips the
+//! API's rate limit, however many callers want the same records at once.
+//!
+//! ```text
+//! cargo run --example rate_limited_api
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example rate_limited_api
+//! ```
+//!
+//! Everything runs in this one process:
+//!
+//! * a **rate-limited API** on `127.0.0.1:0`: `GET /users/{id}` answers a user record
+//!   after 100 ms, but `429 Too Many Requests` to any call beyond 20 in the last second.
+//!   It counts the calls it receives and insists on a bearer token;
+//! * **3 client nodes**: each a hyper client, as a tower service, wrapped in its own
+//!   [`StampedeLayer`] (its own in-memory L1, its own Redis connections), as if they were
+//!   3 processes of one service that calls the API;
+//! * **Redis**: `REDIS_URL` if set; else a `redis-server` from `PATH`, started on a free
+//!   port and killed on exit; else none, and each node coalesces only its own lookups
+//!   (up to 30 API calls: one per user per node).
+//!
+//! 1000 concurrent lookups over 10 user ids, spread over the 3 nodes, are fired twice:
+//! without the layer, against one API instance, then with it, against a fresh one. The
+//! first run makes 1000 API calls and gets 429s; the second makes 10 and gets none.
+//!
+//! Every request carries the same `Authorization: Bearer …` header: the client's own
+//! token, not a user's. The layer sees it, and by default would send such requests
+//! straight through (they could be one user's private answer);
+//! [`PrivateRequests::Shared`] tells it the credential is the same for every caller, so
+//! one answer may serve them all.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::error::Error;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Barrier;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_stampede::{Backend, PrivateRequests, StampedeLayer};
+
+/// Calls the API allows in any one second.
+const RATE_LIMIT: usize = 20;
+/// How long the API takes to answer a lookup.
+const API_DELAY: Duration = Duration::from_millis(100);
+/// The client's own API token: the same for every caller.
+const TOKEN: &str = "Bearer locksmith-demo-token";
+const NODES: usize = 3;
+const LOOKUPS: usize = 1000;
+const USERS: usize = 10;
+/// The deadline on each Redis call. The default, 100 ms, suits production; an example may
+/// run as a debug build on a busy laptop or CI runner, where a cold node's first burst
+/// (connect, load the scripts, its fills at once) can take longer, and a Redis call that
+/// times out fails open into an extra API call.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn main() -> Result<(), Box<dyn Error>> {
+    // Redis first, outside the runtime: the guard must outlive it, so that the server we
+    // may have started is killed only after every connection to it is gone.
+    let tier = SharedTier::from_env();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = run(&tier) => result,
+            _ = tokio::signal::ctrl_c() => {
+                println!("interrupted");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn run(tier: &SharedTier) -> Result<(), Box<dyn Error>> {
+    tier.check().await?;
+    println!(
+        "locksmith: {LOOKUPS} concurrent lookups of {USERS} users from {NODES} client nodes, \
+         against an API that allows {RATE_LIMIT} calls/s"
+    );
+    println!("redis: {}", tier.description);
+    if tier.url.is_none() {
+        println!(
+            "note:  cross-node coalescing needs Redis; without it each node calls the API once per \
+             user ({} calls, more than the {RATE_LIMIT} allowed),",
+            NODES * USERS
+        );
+        println!("       and the lookups that waited on a call answered 429 then go to the API themselves");
+    }
+    let client = http_client();
+
+    // Without the layer: every lookup is an API call.
+    let api = Api::start().await?;
+    warm_up(&client, &api).await?;
+    let direct: Vec<_> = (0..NODES)
+        .map(|_| {
+            ServiceBuilder::new()
+                .map_request(with_token)
+                .service(client_service(client.clone()))
+        })
+        .collect();
+    let without = lookups(&api, &direct).await;
+    let without = (without, api.calls(), api.rejected());
+
+    // With the layer: 3 nodes sharing Redis, against a fresh API (a fresh rate limit).
+    let api = Api::start().await?;
+    warm_up(&client, &api).await?;
+    let prefix = format!("tower-stampede-locksmith:{}", run_id());
+    let layers: Vec<StampedeLayer> = (0..NODES)
+        .map(|_| {
+            let node = StampedeLayer::builder()
+                .backend(tier.backend()?)
+                .prefix(prefix.clone())
+                .private_requests(PrivateRequests::Shared)
+                .ttl(Duration::from_secs(30))
+                .redis_timeout(REDIS_TIMEOUT);
+            Ok::<_, redis::RedisError>(node.build())
+        })
+        .collect::<Result<_, _>>()?;
+    let nodes: Vec<_> = layers
+        .iter()
+        .map(|layer| {
+            ServiceBuilder::new()
+                .map_request(with_token) // outermost: the layer sees the token
+                .layer(layer.clone())
+                .service(client_service(client.clone()))
+        })
+        .collect();
+    let with = lookups(&api, &nodes).await;
+    let with = (with, api.calls(), api.rejected());
+
+    println!();
+    println!("{:<24} {:>14} {:>12}", "", "without layer", "with layer");
+    let row = |label: &str, a: String, b: String| println!("{label:<24} {a:>14} {b:>12}");
+    row("API calls made", without.1.to_string(), with.1.to_string());
+    row(
+        "429s seen by clients",
+        without.0.too_many.to_string(),
+        with.0.too_many.to_string(),
+    );
+    row(
+        "lookups answered 200",
+        without.0.ok.to_string(),
+        with.0.ok.to_string(),
+    );
+    row(
+        "other failures",
+        without.0.failed.to_string(),
+        with.0.failed.to_string(),
+    );
+    let secs = |d: Duration| format!("{:.2}s", d.as_secs_f64());
+    row("wall time", secs(without.0.wall), secs(with.0.wall));
+    if without.2 != without.0.too_many || with.2 != with.0.too_many {
+        println!(
+            "(the API itself rejected {} and {} calls)",
+            without.2, with.2
+        );
+    }
+
+    println!();
+    println!("per node, with layer:");
+    println!(
+        "  {:<4}  {:>13}  {:>15}  {:>14}  {:>10}  {:>14}  {:>12}",
+        "node",
+        "went upstream",
+        "waited on fleet",
+        "joined on node",
+        "cache hits",
+        "passed through",
+        "redis errors"
+    );
+    for (i, layer) in layers.iter().enumerate() {
+        let s = layer.stats();
+        println!(
+            "  {:<4}  {:>13}  {:>15}  {:>14}  {:>10}  {:>14}  {:>12}",
+            i + 1,
+            s.upstream_calls,
+            s.collapsed_remote,
+            s.collapsed_local,
+            s.hits_memory + s.hits_redis,
+            s.hit_for_pass + s.bypassed,
+            s.redis_errors
+        );
+    }
+    Ok(())
+}
+
+/// Adds the client's API token, the same for every caller.
+fn with_token(mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    req.headers_mut()
+        .insert(AUTHORIZATION, HeaderValue::from_static(TOKEN));
+    req
+}
+
+/// A new prefix per run, so a shared `REDIS_URL` never answers from an earlier run.
+fn run_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos}", std::process::id())
+}
+
+// ---------------------------------------------------------------------------------------
+// The lookups.
+
+/// How the lookups of one run ended.
+#[derive(Default)]
+struct Outcomes {
+    ok: usize,
+    too_many: usize,
+    failed: usize,
+    wall: Duration,
+}
+
+/// Fires the lookups at once: lookup `i` asks for user `i % USERS + 1` through node
+/// `i % NODES`.
+async fn lookups<S, B>(api: &Api, nodes: &[S]) -> Outcomes
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    let start = Arc::new(Barrier::new(LOOKUPS + 1));
+    let mut tasks = Vec::with_capacity(LOOKUPS);
+    for i in 0..LOOKUPS {
+        let node = nodes[i % nodes.len()].clone();
+        let req = api.request(&format!("/users/{}", i % USERS + 1));
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let res = node.oneshot(req).await.ok()?;
+            let status = res.status();
+            res.into_body().collect().await.ok()?;
+            Some(status)
+        }));
+    }
+    start.wait().await;
+    let started = Instant::now();
+    let mut out = Outcomes::default();
+    for task in tasks {
+        match task.await.ok().flatten() {
+            Some(StatusCode::OK) => out.ok += 1,
+            Some(StatusCode::TOO_MANY_REQUESTS) => out.too_many += 1,
+            _ => out.failed += 1,
+        }
+    }
+    out.wall = started.elapsed();
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// The rate-limited API and the client.
+
+/// An API that answers `429` to calls beyond [`RATE_LIMIT`] in the last second.
+struct Api {
+    addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    rejected: Arc<AtomicUsize>,
+}
+
+impl Api {
+    async fn start() -> std::io::Result<Api> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let rejected = Arc::new(AtomicUsize::new(0));
+        let window: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        server.http2().max_concurrent_streams(100_000);
+        let (counter, rejects) = (calls.clone(), rejected.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        eprintln!("api: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let (calls, rejected, window) = (counter.clone(), rejects.clone(), window.clone());
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (calls, rejected, window) =
+                            (calls.clone(), rejected.clone(), window.clone());
+                        async move { Ok::<_, Infallible>(api(req, &calls, &rejected, &window).await) }
+                    });
+                    let _ = server.serve_connection(TokioIo::new(stream), handler).await;
+                });
+            }
+        });
+        Ok(Api {
+            addr,
+            calls,
+            rejected,
+        })
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn rejected(&self) -> usize {
+        self.rejected.load(Ordering::SeqCst)
+    }
+
+    fn request(&self, path: &str) -> Request<Full<Bytes>> {
+        Request::get(format!("http://{}{path}", self.addr))
+            .body(Full::default())
+            .expect("a valid request")
+    }
+}
+
+/// The API's one handler. `/health` is free; `/users/{id}` is counted and rate limited.
+async fn api(
+    req: Request<Incoming>,
+    calls: &AtomicUsize,
+    rejected: &AtomicUsize,
+    window: &Mutex<VecDeque<Instant>>,
+) -> Response<Full<Bytes>> {
+    let respond = |status: StatusCode, body: String| {
+        let mut res = Response::new(Full::new(Bytes::from(body)));
+        *res.status_mut() = status;
+        res
+    };
+    let path = req.uri().path();
+    if path == "/health" {
+        return respond(StatusCode::OK, "ok".into());
+    }
+    let Some(id) = path
+        .strip_prefix("/users/")
+        .and_then(|id| id.parse::<u64>().ok())
+    else {
+        return respond(StatusCode::NOT_FOUND, "no such route".into());
+    };
+    calls.fetch_add(1, Ordering::SeqCst);
+    if req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(TOKEN)
+    {
+        return respond(StatusCode::UNAUTHORIZED, "bad token".into());
+    }
+    let admitted = {
+        let mut window = window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            window.pop_front();
+        }
+        let admitted = window.len() < RATE_LIMIT;
+        if admitted {
+            window.push_back(now);
+        }
+        admitted
+    };
+    if !admitted {
+        rejected.fetch_add(1, Ordering::SeqCst);
+        let mut res = respond(StatusCode::TOO_MANY_REQUESTS, "slow down".into());
+        res.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        return res;
+    }
+    tokio::time::sleep(API_DELAY).await;
+    let body = format!(r#"{{"id":{id},"name":"user {id}","email":"user{id}@example.com"}}"#);
+    let mut res = respond(StatusCode::OK, body);
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// An HTTP/2 client: one multiplexed connection per host, however many requests.
+fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build_http()
+}
+
+/// The client as a tower service.
+fn client_service(
+    client: Client<HttpConnector, Full<Bytes>>,
+) -> impl Service<
+    Request<Full<Bytes>>,
+    Response = Response<Incoming>,
+    Error = legacy::Error,
+    Future = legacy::ResponseFuture,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |req: Request<Full<Bytes>>| client.request(req))
+}
+
+/// Opens the client's connection to the API (on a free route) before anything is timed.
+async fn warm_up(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    api: &Api,
+) -> Result<(), Box<dyn Error>> {
+    let res = client.request(api.request("/health")).await?;
+    res.into_body().collect().await?;
+    Ok(())
+}
+
+// Redis: REDIS_URL, else a redis-server of our own, else none.
+
+/// The shared tier of the fleet.
+struct SharedTier {
+    url: Option<String>,
+    description: String,
+    /// Killed on drop.
+    _server: Option<RedisServer>,
+}
+
+impl SharedTier {
+    fn from_env() -> SharedTier {
+        if let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
+            return SharedTier {
+                description: format!("{url} (REDIS_URL)"),
+                url: Some(url),
+                _server: None,
+            };
+        }
+        match RedisServer::start() {
+            Ok(server) => SharedTier {
+                url: Some(server.url()),
+                description: format!("{} (a redis-server started for this run)", server.url()),
+                _server: Some(server),
+            },
+            Err(why) => SharedTier {
+                url: None,
+                description: format!("none ({why}); every node uses the local backend"),
+                _server: None,
+            },
+        }
+    }
+
+    /// Fails early, and clearly, when the Redis we were given does not answer.
+    async fn check(&self) -> Result<(), Box<dyn Error>> {
+        let Some(url) = &self.url else { return Ok(()) };
+        let unreachable = |e: redis::RedisError| format!("redis at {url} does not answer: {e}");
+        let client = redis::Client::open(url.as_str()).map_err(unreachable)?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(unreachable)?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        Ok(())
+    }
+
+    /// The backend for a new node: each call gives the node its own Redis connections.
+    fn backend(&self) -> Result<Backend, redis::RedisError> {
+        match &self.url {
+            Some(url) => Backend::redis(url.as_str()),
+            None => Ok(Backend::local()),
+        }
+    }
+}
+
+/// A `redis-server` on a free loopback port, with persistence off; killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts one from `PATH`, trying another port if one is lost to a race.
+    fn start() -> Result<RedisServer, String> {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port: {e}"))?
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err("REDIS_URL is not set and redis-server is not on PATH".into())
+                }
+                Err(e) => return Err(format!("could not run redis-server: {e}")),
+            };
+            let mut server = RedisServer { child, port };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // exited: most likely the port was taken meanwhile; try another
+                }
+                if ping(port) {
+                    return Ok(server);
+                }
+                if Instant::now() > deadline {
+                    return Err("redis-server did not answer PING within 5 s".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Err("redis-server exited at start 5 times".into())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when a Redis server on `port` answers `PING`.
+fn ping(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
