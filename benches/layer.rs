@@ -14,8 +14,12 @@ use tower::{Layer, ServiceExt};
 use tower_stampede::__bench::{key_hash, Envelope};
 use tower_stampede::StampedeLayer;
 
-fn inner() -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
-       + Clone
+fn inner() -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
        + Send
        + 'static {
     let body = Bytes::from(vec![b'x'; 2048]);
@@ -34,7 +38,10 @@ fn request() -> Request<Full<Bytes>> {
 }
 
 fn hit_path(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let bare = inner();
     let layered = StampedeLayer::new().layer(inner());
     rt.block_on(layered.clone().oneshot(request())).unwrap();
@@ -42,10 +49,12 @@ fn hit_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("hit_path");
     group.throughput(Throughput::Elements(1));
     group.bench_function("bare_inner_service", |b| {
-        b.to_async(&rt).iter(|| async { black_box(bare.clone().oneshot(request()).await.unwrap()) })
+        b.to_async(&rt)
+            .iter(|| async { black_box(bare.clone().oneshot(request()).await.unwrap()) })
     });
     group.bench_function("stampede_l1_hit", |b| {
-        b.to_async(&rt).iter(|| async { black_box(layered.clone().oneshot(request()).await.unwrap()) })
+        b.to_async(&rt)
+            .iter(|| async { black_box(layered.clone().oneshot(request()).await.unwrap()) })
     });
     group.finish();
 }
@@ -57,7 +66,9 @@ fn envelope(c: &mut Criterion) {
         let sample = Envelope::sample(key, size);
         let bytes = Bytes::from(sample.encode());
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_with_input(BenchmarkId::new("encode", size), &sample, |b, s| b.iter(|| black_box(s.encode())));
+        group.bench_with_input(BenchmarkId::new("encode", size), &sample, |b, s| {
+            b.iter(|| black_box(s.encode()))
+        });
         group.bench_with_input(BenchmarkId::new("decode", size), &bytes, |b, bytes| {
             b.iter(|| assert!(Envelope::decode(black_box(bytes.clone()), key)))
         });
@@ -67,7 +78,9 @@ fn envelope(c: &mut Criterion) {
 
 fn key(c: &mut Criterion) {
     let (parts, _) = request().into_parts();
-    c.bench_function("key_hash", |b| b.iter(|| black_box(key_hash(black_box(&parts)))));
+    c.bench_function("key_hash", |b| {
+        b.iter(|| black_box(key_hash(black_box(&parts))))
+    });
 }
 
 criterion_group!(benches, hit_path, envelope, key);

@@ -24,8 +24,17 @@
 //! curl localhost:3000/stats
 //! ```
 //!
-//! With `REDIS_URL` set, start several instances on different ports: they form a fleet,
-//! and a stampede spread over all of them still runs the handler once per key.
+//! With `REDIS_URL` set, instances form a fleet: a stampede spread over all of them still
+//! runs the handler once per key. The default key includes the `Host` header, so give every
+//! instance the same one, as a load balancer would:
+//!
+//! ```text
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example axum -- --listen 127.0.0.1:3001 &
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --example axum -- --listen 127.0.0.1:3002 &
+//! seq 200 | xargs -P 200 -I{} sh -c \
+//!     'curl -s -o /dev/null -H "host: reports.local" localhost:300$(( {} % 2 + 1 ))/report/9'
+//! curl localhost:3001/stats; curl localhost:3002/stats   # report_handler_calls: 1 between them
+//! ```
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:3000`, or `127.0.0.1:$PORT`; port `0`
 //! picks a free one), `--redis-url URL` (or `REDIS_URL`), `--ttl 30s`. The address is

@@ -54,8 +54,8 @@ use tower_stampede::{Backend, StampedeLayer, Stats};
 const NODES: usize = 3;
 /// How long the upstream takes per call.
 const UPSTREAM_DELAY: Duration = Duration::from_millis(200);
-/// The deadline on each Redis call. The default, 100 ms, suits production; a demo may run
-/// as a debug build on a busy laptop or CI runner, where a cold node's first burst (connect,
+/// The deadline on each Redis call. The default suits production; a demo may run as a
+/// debug build on a busy laptop or CI runner, where a cold node's first burst (connect,
 /// load the scripts, 100 fills at once) can take longer, and a Redis call that times out
 /// fails open into an extra upstream call.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);

@@ -113,6 +113,10 @@ struct Args {
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body: usize,
 
+    /// The bound of the in-process cache (L1), in bytes of keys, headers and bodies.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    cache_size: u64,
+
     /// Prefix of the Redis keys and wake-up channel; proxies that coalesce together use
     /// the same one.
     #[arg(long, default_value = "stampede")]
@@ -179,6 +183,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let layer = StampedeLayer::builder()
         .backend(backend)
         .prefix(args.prefix.clone())
+        .l1_capacity(args.cache_size)
         .ttl(args.ttl)
         .grace(args.grace)
         .stale_if_error(args.grace)

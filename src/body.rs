@@ -28,19 +28,29 @@ enum Kind<B> {
 impl<B> fmt::Debug for StampedeBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            Kind::Full(b) => f.debug_tuple("Full").field(&b.as_ref().map(Bytes::len)).finish(),
-            Kind::Stream { prefix, .. } => f.debug_struct("Stream").field("prefix_frames", &prefix.len()).finish(),
+            Kind::Full(b) => f
+                .debug_tuple("Full")
+                .field(&b.as_ref().map(Bytes::len))
+                .finish(),
+            Kind::Stream { prefix, .. } => f
+                .debug_struct("Stream")
+                .field("prefix_frames", &prefix.len())
+                .finish(),
         }
     }
 }
 
 impl<B> StampedeBody<B> {
     pub(crate) fn full(bytes: Bytes) -> Self {
-        StampedeBody { kind: Kind::Full((!bytes.is_empty()).then_some(bytes)) }
+        StampedeBody {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        StampedeBody { kind: Kind::Full(None) }
+        StampedeBody {
+            kind: Kind::Full(None),
+        }
     }
 
     pub(crate) fn stream(inner: B) -> Self {
@@ -48,7 +58,9 @@ impl<B> StampedeBody<B> {
     }
 
     pub(crate) fn resume(prefix: VecDeque<Frame<Bytes>>, inner: Pin<Box<B>>) -> Self {
-        StampedeBody { kind: Kind::Stream { prefix, inner } }
+        StampedeBody {
+            kind: Kind::Stream { prefix, inner },
+        }
     }
 }
 

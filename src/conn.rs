@@ -80,7 +80,13 @@ pub(crate) struct RedisConn {
     manager: OnceLock<ConnectionManager>,
     timeout: Duration,
     breaker: Breaker,
+    /// Set by the first answer: until then calls may also wait for the connection and
+    /// the first script loads, so they get [`CONNECT_TIMEOUT`] at least.
+    warm: std::sync::atomic::AtomicBool,
 }
+
+/// The deadline of calls made before Redis first answered.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl RedisConn {
     pub(crate) fn new(client: redis::Client, timeout: Duration, breaker: Breaker) -> Self {
@@ -89,6 +95,7 @@ impl RedisConn {
             manager: OnceLock::new(),
             timeout,
             breaker,
+            warm: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -105,7 +112,7 @@ impl RedisConn {
             return Ok(m.clone());
         }
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
+            .set_connection_timeout(Some(self.timeout.max(CONNECT_TIMEOUT)))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
@@ -134,16 +141,24 @@ impl RedisConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        let deadline = if self.warm.load(Ordering::Relaxed) {
+            self.timeout
+        } else {
+            self.timeout.max(CONNECT_TIMEOUT)
+        };
         let result = match self.manager() {
-            Ok(conn) => match tokio::time::timeout(self.timeout, op(conn)).await {
+            Ok(conn) => match tokio::time::timeout(deadline, op(conn)).await {
                 Ok(Ok(v)) => Ok(v),
                 Ok(Err(e)) => Err(BackendError::Redis(e)),
-                Err(_) => Err(BackendError::Timeout(self.timeout)),
+                Err(_) => Err(BackendError::Timeout(deadline)),
             },
             Err(e) => Err(BackendError::Redis(e)),
         };
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => {
+                self.breaker.success();
+                self.warm.store(true, Ordering::Relaxed);
+            }
             Err(e) => {
                 if self.breaker.failure() {
                     tracing::warn!(error = %e, "redis failing; skipping it for a cool-down");

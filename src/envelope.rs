@@ -136,7 +136,10 @@ impl Entry {
 
     /// Decodes `bytes`, which must belong to `expected_key`.
     pub(crate) fn decode(bytes: Bytes, expected_key: &str) -> Result<Entry, DecodeError> {
-        let mut r = Reader { buf: &bytes, pos: 0 };
+        let mut r = Reader {
+            buf: &bytes,
+            pos: 0,
+        };
         if r.take(3).map_err(|_| DecodeError::Foreign)? != MAGIC {
             return Err(DecodeError::Foreign);
         }
@@ -167,7 +170,8 @@ impl Entry {
             let len = r.u16()? as usize;
             let name = HeaderName::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
             let len = r.u32()? as usize;
-            let value = HeaderValue::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
+            let value =
+                HeaderValue::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
             headers.append(name, value);
         }
         let body_len = r.u32()? as usize;
@@ -256,7 +260,13 @@ mod tests {
         assert_eq!(d.headers, e.headers);
         assert_eq!(d.body, e.body);
         assert_eq!(
-            (d.stored_at, d.fresh_until, d.revalidate_until, d.stale_until, d.fill_ms),
+            (
+                d.stored_at,
+                d.fresh_until,
+                d.revalidate_until,
+                d.stale_until,
+                d.fill_ms
+            ),
             (1, 2, 3, 4, 5)
         );
     }
@@ -265,11 +275,20 @@ mod tests {
     fn other_key_foreign_and_version_are_errors() {
         let e = sample();
         let bytes = Bytes::from(e.encode());
-        assert_eq!(Entry::decode(bytes.clone(), "GET http://other/").unwrap_err(), DecodeError::OtherKey);
-        assert_eq!(Entry::decode(Bytes::from_static(b"{\"json\":1}"), &e.key).unwrap_err(), DecodeError::Foreign);
+        assert_eq!(
+            Entry::decode(bytes.clone(), "GET http://other/").unwrap_err(),
+            DecodeError::OtherKey
+        );
+        assert_eq!(
+            Entry::decode(Bytes::from_static(b"{\"json\":1}"), &e.key).unwrap_err(),
+            DecodeError::Foreign
+        );
         let mut v2 = bytes.to_vec();
         v2[3] = 2;
-        assert_eq!(Entry::decode(Bytes::from(v2), &e.key).unwrap_err(), DecodeError::Version(2));
+        assert_eq!(
+            Entry::decode(Bytes::from(v2), &e.key).unwrap_err(),
+            DecodeError::Version(2)
+        );
     }
 
     #[test]
@@ -280,7 +299,11 @@ mod tests {
         e.stale_until = 3000;
         e.fill_ms = 100;
         assert!(e.is_fresh_at(999) && !e.is_fresh_at(1000));
-        assert!(e.is_revalidatable_at(1000) && !e.is_revalidatable_at(2000) && !e.is_revalidatable_at(500));
+        assert!(
+            e.is_revalidatable_at(1000)
+                && !e.is_revalidatable_at(2000)
+                && !e.is_revalidatable_at(500)
+        );
         assert!(e.is_usable_at(2999) && !e.is_usable_at(3000));
         // r = 1 never refreshes early; a small r does near expiry, not far from it.
         assert!(!e.refresh_early(999, 1.0, 1.0));

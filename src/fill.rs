@@ -44,7 +44,9 @@ enum Held {
     Local,
     /// No lock: Redis is failing (`store == false`) or the wait timed out (`store == true`,
     /// Redis works, so the answer is still offered to it, without overwriting).
-    Nothing { store: bool },
+    Nothing {
+        store: bool,
+    },
 }
 
 enum Contend {
@@ -58,7 +60,11 @@ enum Contend {
 
 /// The inner call's result, before storing.
 enum Led<B, E> {
-    Cacheable { head: http::response::Parts, body: Bytes, fresh: Freshness },
+    Cacheable {
+        head: http::response::Parts,
+        body: Bytes,
+        fresh: Freshness,
+    },
     Uncacheable(Response<StampedeBody<B>>, Reason),
     Failed(Option<E>),
 }
@@ -76,7 +82,10 @@ impl<B, E> Led<B, E> {
 
 /// A copy to serve if the upstream fails: the newest usable one.
 fn keep_newest(fallback: &mut Option<Arc<Entry>>, candidate: Arc<Entry>) {
-    if fallback.as_ref().is_none_or(|f| f.stored_at < candidate.stored_at) {
+    if fallback
+        .as_ref()
+        .is_none_or(|f| f.stored_at < candidate.stored_at)
+    {
         *fallback = Some(candidate);
     }
 }
@@ -136,7 +145,10 @@ where
     }
     match led {
         Led::Cacheable { head, body, fresh } => {
-            let entry = store(&shared, &key, &token, held, lost, head, body, fresh, fill_ms).await;
+            let entry = store(
+                &shared, &key, &token, held, lost, head, body, fresh, fill_ms,
+            )
+            .await;
             Filled::Entry(entry, Outcome::Stored)
         }
         Led::Uncacheable(res, reason) => {
@@ -196,7 +208,13 @@ pub(crate) fn spawn_refresh<S, ReqB, B>(
     }
     let shared = shared.clone();
     tokio::spawn(async move {
-        if !shared.refreshing.entry(key.hash).or_insert(()).await.is_fresh() {
+        if !shared
+            .refreshing
+            .entry(key.hash)
+            .or_insert(())
+            .await
+            .is_fresh()
+        {
             return;
         }
         if refresh(&shared, &key, req, svc, &current).await {
@@ -208,7 +226,13 @@ pub(crate) fn spawn_refresh<S, ReqB, B>(
 }
 
 /// Returns true when the key needs no further refresh for now.
-async fn refresh<S, ReqB, B>(shared: &Shared, key: &Key, req: Request<ReqB>, svc: S, current: &Entry) -> bool
+async fn refresh<S, ReqB, B>(
+    shared: &Shared,
+    key: &Key,
+    req: Request<ReqB>,
+    svc: S,
+    current: &Entry,
+) -> bool
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
     B: Body<Data = Bytes>,
@@ -220,7 +244,10 @@ where
             // Another node may have refreshed already: adopt its newer value.
             let mut skip_value = false;
             loop {
-                match store.check_and_lock(key, &token, shared.cfg.lease, skip_value).await {
+                match store
+                    .check_and_lock(key, &token, shared.cfg.lease, skip_value)
+                    .await
+                {
                     Ok(Check::Value(bytes)) => {
                         if let Ok(entry) = Entry::decode(bytes, &key.canonical) {
                             if entry.kind == Kind::Response
@@ -252,7 +279,10 @@ where
                 }
             }
         }
-        None => match shared.local_locks.try_lock(key.hash, &token, shared.cfg.lease) {
+        None => match shared
+            .local_locks
+            .try_lock(key.hash, &token, shared.cfg.lease)
+        {
             None => Held::Local,
             Some(_) => return false,
         },
@@ -302,8 +332,20 @@ where
     B::Error: Into<BoxError>,
 {
     shared.counters.incr(Event::upstream_calls);
+    // The entry answers GET and HEAD alike: fill it with the whole answer.
+    let mut req = req;
+    if req.method() == http::Method::HEAD {
+        *req.method_mut() = http::Method::GET;
+    }
     let started = Instant::now();
-    let (led, lost) = guarded(shared, key, token, held, call_inner(shared, key.per_user, svc, req)).await;
+    let (led, lost) = guarded(
+        shared,
+        key,
+        token,
+        held,
+        call_inner(shared, key.per_user, svc, req),
+    )
+    .await;
     let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
     (led, lost, fill_ms)
 }
@@ -360,7 +402,10 @@ async fn contend_redis(
         let notified = waiting.notify().notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match store.check_and_lock(key, token, cfg.lease, skip_value).await {
+        match store
+            .check_and_lock(key, token, cfg.lease, skip_value)
+            .await
+        {
             Ok(Check::Value(bytes)) => match judge(bytes, key, waited, fallback) {
                 Some(decided) => return decided.counted(shared),
                 None => skip_value = true,
@@ -411,7 +456,12 @@ async fn contend_redis(
 
 /// What stored bytes mean for a fill: `None` when they are unusable (corrupt, foreign,
 /// expired): a miss. A usable-on-error copy is kept as the fallback.
-fn judge(bytes: Bytes, key: &Key, waited: bool, fallback: &mut Option<Arc<Entry>>) -> Option<Contend> {
+fn judge(
+    bytes: Bytes,
+    key: &Key,
+    waited: bool,
+    fallback: &mut Option<Arc<Entry>>,
+) -> Option<Contend> {
     let entry = match Entry::decode(bytes, &key.canonical) {
         Ok(entry) => entry,
         Err(e) => {
@@ -423,7 +473,11 @@ fn judge(bytes: Bytes, key: &Key, waited: bool, fallback: &mut Option<Arc<Entry>
     match entry.kind {
         Kind::Pass if entry.is_fresh_at(now) => Some(Contend::Pass),
         Kind::Response if entry.is_fresh_at(now) => {
-            let outcome = if waited { Outcome::CollapsedFleet } else { Outcome::HitRedis };
+            let outcome = if waited {
+                Outcome::CollapsedFleet
+            } else {
+                Outcome::HitRedis
+            };
             Some(Contend::Found(Arc::new(entry), outcome))
         }
         Kind::Response if entry.is_revalidatable_at(now) => Some(Contend::Stale(Arc::new(entry))),
@@ -465,7 +519,10 @@ async fn contend_local(shared: &Arc<Shared>, key: &Key, token: &str) -> Contend 
                 return Contend::Stale(entry);
             }
         }
-        match shared.local_locks.try_lock(key.hash, token, shared.cfg.lease) {
+        match shared
+            .local_locks
+            .try_lock(key.hash, token, shared.cfg.lease)
+        {
             None => return Contend::Lead(Held::Local),
             Some(left) => {
                 tokio::select! {
@@ -478,7 +535,12 @@ async fn contend_local(shared: &Arc<Shared>, key: &Key, token: &str) -> Contend 
 }
 
 /// Calls the inner service once and buffers a storable body up to the limit.
-async fn call_inner<S, ReqB, B>(shared: &Shared, per_user: bool, mut svc: S, req: Request<ReqB>) -> Led<B, S::Error>
+async fn call_inner<S, ReqB, B>(
+    shared: &Shared,
+    per_user: bool,
+    mut svc: S,
+    req: Request<ReqB>,
+) -> Led<B, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
     B: Body<Data = Bytes>,
@@ -489,9 +551,17 @@ where
         Err(e) => return Led::Failed(Some(e)),
     };
     let (head, body) = res.into_parts();
-    let fresh = match shared.rules.check_response(head.status, &head.headers, per_user) {
+    let fresh = match shared
+        .rules
+        .check_response(head.status, &head.headers, per_user)
+    {
         Ok(fresh) => fresh,
-        Err(reason) => return Led::Uncacheable(Response::from_parts(head, StampedeBody::stream(body)), reason),
+        Err(reason) => {
+            return Led::Uncacheable(
+                Response::from_parts(head, StampedeBody::stream(body)),
+                reason,
+            )
+        }
     };
     let max = shared.rules.max_body;
     let mut body = Box::pin(body);
@@ -511,18 +581,27 @@ where
                 size += frame.data_ref().map_or(0, Bytes::len);
                 frames.push_back(frame);
                 if trailers {
-                    return Led::Uncacheable(Response::from_parts(head, StampedeBody::resume(frames, body)), "trailers");
+                    return Led::Uncacheable(
+                        Response::from_parts(head, StampedeBody::resume(frames, body)),
+                        "trailers",
+                    );
                 }
                 too_big = size > max;
             }
         }
     }
     if too_big {
-        return Led::Uncacheable(Response::from_parts(head, StampedeBody::resume(frames, body)), "too-big");
+        return Led::Uncacheable(
+            Response::from_parts(head, StampedeBody::resume(frames, body)),
+            "too-big",
+        );
     }
     let body = match frames.len() {
         0 => Bytes::new(),
-        1 => frames.pop_front().and_then(|f| f.into_data().ok()).unwrap_or_default(),
+        1 => frames
+            .pop_front()
+            .and_then(|f| f.into_data().ok())
+            .unwrap_or_default(),
         _ => {
             let mut buf = BytesMut::with_capacity(size);
             for f in frames {

@@ -33,9 +33,18 @@ pub fn default_key(parts: &Parts) -> String {
         .uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("");
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     format!("{} {scheme}://{authority}{path}", parts.method)
 }
 
@@ -51,9 +60,11 @@ pub(crate) struct Key {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
     }
     out
 }
@@ -123,20 +134,46 @@ mod tests {
 
     #[test]
     fn vary_and_users_change_the_hash_and_hex_round_trips() {
-        let a = parts(http::Request::get("http://h/p").header("accept-language", "en").body(()).unwrap());
-        let b = parts(http::Request::get("http://h/p").header("accept-language", "fr").body(()).unwrap());
+        let a = parts(
+            http::Request::get("http://h/p")
+                .header("accept-language", "en")
+                .body(())
+                .unwrap(),
+        );
+        let b = parts(
+            http::Request::get("http://h/p")
+                .header("accept-language", "fr")
+                .body(())
+                .unwrap(),
+        );
         let vary = [HeaderName::from_static("accept-language")];
         let ka = Key::new(default_key(&a), &a, &vary, false);
         let kb = Key::new(default_key(&b), &b, &vary, false);
         assert_ne!(ka.hash, kb.hash);
-        assert_eq!(Key::new(default_key(&a), &a, &[], false).hash, Key::new(default_key(&b), &b, &[], false).hash);
+        assert_eq!(
+            Key::new(default_key(&a), &a, &[], false).hash,
+            Key::new(default_key(&b), &b, &[], false).hash
+        );
         assert_eq!(parse_hex(ka.hex.as_bytes()), Some(ka.hash));
         assert_eq!(parse_hex(b"zz"), None);
 
-        let u1 = parts(http::Request::get("http://h/p").header("authorization", "Bearer 1").body(()).unwrap());
-        let u2 = parts(http::Request::get("http://h/p").header("authorization", "Bearer 2").body(()).unwrap());
+        let u1 = parts(
+            http::Request::get("http://h/p")
+                .header("authorization", "Bearer 1")
+                .body(())
+                .unwrap(),
+        );
+        let u2 = parts(
+            http::Request::get("http://h/p")
+                .header("authorization", "Bearer 2")
+                .body(())
+                .unwrap(),
+        );
         let k1 = Key::new(default_key(&u1), &u1, &[], true);
         assert_ne!(k1.hash, Key::new(default_key(&u2), &u2, &[], true).hash);
-        assert!(!k1.canonical.contains("Bearer"), "credentials stay out of the stored key");
+        assert!(
+            !k1.canonical.contains("Bearer"),
+            "credentials stay out of the stored key"
+        );
     }
 }

@@ -18,7 +18,7 @@ use crate::key::{default_key, Key, KeyFn};
 use crate::policy::{FailurePolicy, HttpRules, PrivateRequests};
 use crate::service::Stampede;
 use crate::stats::{Counters, Stats};
-use crate::status::Outcome;
+use crate::status::{Outcome, StatusValues};
 use crate::store::{LocalLocks, RedisStore};
 use crate::wake::Wakers;
 
@@ -68,6 +68,7 @@ pub(crate) struct Config {
 /// State shared by every clone of one layer and the services it built: one "node".
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
+    pub(crate) status_values: StatusValues,
     pub(crate) rules: HttpRules,
     key_fn: Option<KeyFn>,
     pub(crate) l1: Cache<[u8; 32], Arc<Entry>>,
@@ -86,8 +87,20 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The key of a request, or why it bypasses the cache.
-    pub(crate) fn key_for(&self, parts: &Parts) -> Result<Key, Outcome> {
+    /// A `HEAD` is keyed (and filled) as the `GET` it describes, as Varnish does: one entry
+    /// answers both.
+    pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<Key, Outcome> {
         let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
+        if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
+            parts.method = http::Method::GET;
+            let key = self.key_for_checked(parts, per_user);
+            parts.method = http::Method::HEAD;
+            return key;
+        }
+        self.key_for_checked(parts, per_user)
+    }
+
+    fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<Key, Outcome> {
         let base = match &self.key_fn {
             Some(f) => f(parts).ok_or(Outcome::Bypass("key"))?,
             None => default_key(parts),
@@ -99,10 +112,17 @@ impl Shared {
     pub(crate) fn ensure_subscriber(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         let Some(store) = &self.redis else { return };
-        if self.subscriber_started.load(Ordering::Relaxed) || self.subscriber_started.swap(true, Ordering::AcqRel) {
+        if self.subscriber_started.load(Ordering::Relaxed)
+            || self.subscriber_started.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        let Some(shutdown) = self.subscriber_shutdown.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some(shutdown) = self
+            .subscriber_shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
             return;
         };
         tokio::spawn(crate::wake::subscribe(
@@ -114,13 +134,23 @@ impl Shared {
         ));
     }
 
-    /// Another fill of this key finished somewhere: wake this process's waiters, and drop
-    /// a stale L1 copy so the next request reads the new value.
+    /// Another fill of this key finished somewhere: wake this process's waiters, and
+    /// replace a stale L1 copy with the value the wake-up carried (or drop it, so the next
+    /// request reads the new value from Redis).
     pub(crate) async fn on_wake(&self, hash: [u8; 32], value: Option<bytes::Bytes>) {
-        self.wakers.wake(&hash, value);
-        if let Some(entry) = self.l1.get(&hash).await {
-            if !entry.is_fresh_at(now_ms()) {
-                self.l1.invalidate(&hash).await;
+        self.wakers.wake(&hash, value.clone());
+        if let Some(stale) = self
+            .l1
+            .get(&hash)
+            .await
+            .filter(|e| !e.is_fresh_at(now_ms()))
+        {
+            let landed = value
+                .and_then(|v| Entry::decode(v, &stale.key).ok())
+                .filter(|e| e.kind == crate::envelope::Kind::Response && e.is_fresh_at(now_ms()));
+            match landed {
+                Some(entry) => self.l1.insert(hash, Arc::new(entry)).await,
+                None => self.l1.invalidate(&hash).await,
             }
         }
         self.refreshing.invalidate(&hash).await;
@@ -131,7 +161,12 @@ impl Shared {
 struct EntryExpiry;
 
 impl Expiry<[u8; 32], Arc<Entry>> for EntryExpiry {
-    fn expire_after_create(&self, _: &[u8; 32], value: &Arc<Entry>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        value: &Arc<Entry>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(value.time_to_live(now_ms()))
     }
 
@@ -364,7 +399,7 @@ impl StampedeBuilder {
         self
     }
 
-    /// Upstream errors (5xx): the one answer is shared with everyone waiting on it and
+    /// Upstream errors (5xx) and `429 Too Many Requests`: the one answer is shared with everyone waiting on it and
     /// kept this long, so a failing upstream gets one call per key per period, fleet-wide,
     /// instead of a stampede. A usable stale copy is served instead when there is one
     /// ([`stale_if_error`](Self::stale_if_error)). `Duration::ZERO` passes errors through
@@ -485,6 +520,7 @@ impl StampedeBuilder {
         let (tx, rx) = oneshot::channel();
         StampedeLayer {
             shared: Arc::new(Shared {
+                status_values: StatusValues::new(&self.cfg.cache_name),
                 cfg: self.cfg,
                 rules: self.rules,
                 key_fn: self.key_fn,

@@ -44,9 +44,18 @@ pub mod __bench {
         /// Builds the sample.
         pub fn sample(key: &str, body_len: usize) -> Envelope {
             let mut headers = http::HeaderMap::new();
-            headers.insert("content-type", http::HeaderValue::from_static("application/json"));
-            headers.insert("etag", http::HeaderValue::from_static("\"5d8c72a5edda8d6a\""));
-            headers.insert("cache-control", http::HeaderValue::from_static("public, max-age=60"));
+            headers.insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                "etag",
+                http::HeaderValue::from_static("\"5d8c72a5edda8d6a\""),
+            );
+            headers.insert(
+                "cache-control",
+                http::HeaderValue::from_static("public, max-age=60"),
+            );
             Envelope(Entry {
                 kind: Kind::Response,
                 key: key.to_owned(),

@@ -45,8 +45,8 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use rand::Rng;
 
-use crate::conn::{Breaker, RedisConn};
 pub use crate::conn::BackendError;
+use crate::conn::{Breaker, RedisConn};
 use crate::scripts;
 
 /// What went wrong with a lock operation.

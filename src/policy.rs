@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
+    AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
+    IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
@@ -95,7 +95,10 @@ fn directives(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<Strin
                 return None;
             }
             Some(match d.split_once('=') {
-                Some((n, v)) => (n.trim().to_ascii_lowercase(), Some(v.trim().trim_matches('"').to_owned())),
+                Some((n, v)) => (
+                    n.trim().to_ascii_lowercase(),
+                    Some(v.trim().trim_matches('"').to_owned()),
+                ),
                 None => (d.to_ascii_lowercase(), None),
             })
         })
@@ -103,7 +106,11 @@ fn directives(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<Strin
 
 impl HttpRules {
     /// `Ok(per_user)` when the request may use the cache.
-    pub(crate) fn check_request(&self, method: &Method, headers: &HeaderMap) -> Result<bool, Outcome> {
+    pub(crate) fn check_request(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Result<bool, Outcome> {
         if !self.methods.contains(method) {
             return Err(Outcome::Method);
         }
@@ -132,19 +139,24 @@ impl HttpRules {
         // Negative answers and upstream errors: kept briefly, never served stale.
         let short = match status.as_u16() {
             404 | 410 if !self.negative_ttl.is_zero() => Some(self.negative_ttl),
-            500..=599 if !self.error_ttl.is_zero() => Some(self.error_ttl),
+            429 | 500..=599 if !self.error_ttl.is_zero() => Some(self.error_ttl),
             _ => None,
         };
         if short.is_none() && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
             return Err("status");
         }
         for value in headers.get_all(VARY) {
-            let Ok(value) = value.to_str() else { return Err("vary") };
+            let Ok(value) = value.to_str() else {
+                return Err("vary");
+            };
             for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                 if name == "*" {
                     return Err("vary-star");
                 }
-                let keyed = self.vary.iter().any(|v| v.as_str().eq_ignore_ascii_case(name))
+                let keyed = self
+                    .vary
+                    .iter()
+                    .any(|v| v.as_str().eq_ignore_ascii_case(name))
                     || (per_user
                         && (name.eq_ignore_ascii_case(AUTHORIZATION.as_str())
                             || name.eq_ignore_ascii_case(COOKIE.as_str())));
@@ -158,9 +170,16 @@ impl HttpRules {
         }
         let (mut max_age, mut s_maxage, mut swr, mut sie) = (None, None, None, None);
         for (name, value) in directives(headers) {
-            let secs = || value.as_deref().and_then(|v| v.parse::<u64>().ok()).map(Duration::from_secs);
+            let secs = || {
+                value
+                    .as_deref()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+            };
             match name.as_str() {
-                "no-store" | "private" | "no-cache" if self.honor_no_store => return Err("no-store"),
+                "no-store" | "private" | "no-cache" if self.honor_no_store => {
+                    return Err("no-store")
+                }
                 "max-age" => max_age = secs(),
                 "s-maxage" => s_maxage = secs(),
                 "stale-while-revalidate" => swr = secs(),
@@ -174,7 +193,11 @@ impl HttpRules {
             stale_if_error: self.stale_if_error,
         };
         if let Some(ttl) = short {
-            fresh = Freshness { ttl, grace: Duration::ZERO, stale_if_error: Duration::ZERO };
+            fresh = Freshness {
+                ttl,
+                grace: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            };
         } else if self.honor_cache_control {
             fresh.ttl = s_maxage.or(max_age).unwrap_or(self.ttl);
             fresh.grace = swr.unwrap_or(self.grace);
@@ -190,7 +213,16 @@ impl HttpRules {
 /// Removes the request's validators before it may go upstream on behalf of everyone (a
 /// 304 is not a storable answer); returns its `If-None-Match`, answered from the entry.
 pub(crate) fn strip_conditionals(headers: &mut HeaderMap) -> Option<http::HeaderValue> {
-    for name in [IF_MODIFIED_SINCE, IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE] {
+    const VALIDATORS: [HeaderName; 4] =
+        [IF_MODIFIED_SINCE, IF_MATCH, IF_UNMODIFIED_SINCE, IF_RANGE];
+    // One pass over the (few) names first: most requests carry none.
+    if !headers
+        .keys()
+        .any(|n| *n == IF_NONE_MATCH || VALIDATORS.contains(n))
+    {
+        return None;
+    }
+    for name in VALIDATORS {
         headers.remove(name);
     }
     headers.remove(IF_NONE_MATCH)
@@ -198,10 +230,16 @@ pub(crate) fn strip_conditionals(headers: &mut HeaderMap) -> Option<http::Header
 
 /// Whether an `If-None-Match` value matches the stored `ETag` (weak comparison).
 pub(crate) fn etag_matches(if_none_match: &http::HeaderValue, stored: &HeaderMap) -> bool {
-    let Some(etag) = stored.get(ETAG).and_then(|e| e.to_str().ok()) else { return false };
-    let Ok(wanted) = if_none_match.to_str() else { return false };
+    let Some(etag) = stored.get(ETAG).and_then(|e| e.to_str().ok()) else {
+        return false;
+    };
+    let Ok(wanted) = if_none_match.to_str() else {
+        return false;
+    };
     let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-    wanted.split(',').any(|t| t.trim() == "*" || opaque(t) == opaque(etag))
+    wanted
+        .split(',')
+        .any(|t| t.trim() == "*" || opaque(t) == opaque(etag))
 }
 
 #[cfg(test)]
@@ -222,24 +260,69 @@ mod tests {
         let mut rules = HttpRules::default();
         let ok = StatusCode::OK;
         let ttl = |r: Result<Freshness, Reason>| r.map(|f| f.ttl);
-        assert_eq!(ttl(rules.check_response(ok, &headers(&[]), false)), Ok(Duration::from_secs(60)));
-        assert_eq!(ttl(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[]), false)), Ok(Duration::from_secs(1)));
-        assert_eq!(rules.check_response(StatusCode::FORBIDDEN, &headers(&[]), false), Err("status"));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "public, no-store")]), false), Err("no-store"));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "private")]), false), Err("no-store"));
-        assert_eq!(rules.check_response(ok, &headers(&[("set-cookie", "a=b")]), false), Err("set-cookie"));
-        assert_eq!(rules.check_response(ok, &headers(&[("vary", "*")]), false), Err("vary-star"));
-        assert_eq!(rules.check_response(ok, &headers(&[("vary", "accept-language")]), false), Err("vary"));
+        assert_eq!(
+            ttl(rules.check_response(ok, &headers(&[]), false)),
+            Ok(Duration::from_secs(60))
+        );
+        assert_eq!(
+            ttl(rules.check_response(StatusCode::INTERNAL_SERVER_ERROR, &headers(&[]), false)),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(
+            rules.check_response(StatusCode::FORBIDDEN, &headers(&[]), false),
+            Err("status")
+        );
+        assert_eq!(
+            rules.check_response(
+                ok,
+                &headers(&[("cache-control", "public, no-store")]),
+                false
+            ),
+            Err("no-store")
+        );
+        assert_eq!(
+            rules.check_response(ok, &headers(&[("cache-control", "private")]), false),
+            Err("no-store")
+        );
+        assert_eq!(
+            rules.check_response(ok, &headers(&[("set-cookie", "a=b")]), false),
+            Err("set-cookie")
+        );
+        assert_eq!(
+            rules.check_response(ok, &headers(&[("vary", "*")]), false),
+            Err("vary-star")
+        );
+        assert_eq!(
+            rules.check_response(ok, &headers(&[("vary", "accept-language")]), false),
+            Err("vary")
+        );
         rules.vary.push(HeaderName::from_static("accept-language"));
-        assert!(rules.check_response(ok, &headers(&[("vary", "Accept-Language")]), false).is_ok());
+        assert!(rules
+            .check_response(ok, &headers(&[("vary", "Accept-Language")]), false)
+            .is_ok());
 
         let cc = headers(&[("cache-control", "max-age=10, s-maxage=\"20\"")]);
-        assert_eq!(ttl(rules.check_response(ok, &cc, false)), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            ttl(rules.check_response(ok, &cc, false)),
+            Ok(Duration::from_secs(60))
+        );
         rules.honor_cache_control = true;
-        assert_eq!(ttl(rules.check_response(ok, &cc, false)), Ok(Duration::from_secs(20)));
-        assert_eq!(ttl(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")]), false)), Ok(Duration::from_secs(7)));
-        assert_eq!(rules.check_response(ok, &headers(&[("cache-control", "max-age=0")]), false), Err("max-age"));
-        let windows = headers(&[("cache-control", "max-age=5, stale-while-revalidate=30, stale-if-error=600")]);
+        assert_eq!(
+            ttl(rules.check_response(ok, &cc, false)),
+            Ok(Duration::from_secs(20))
+        );
+        assert_eq!(
+            ttl(rules.check_response(ok, &headers(&[("cache-control", "max-age=7")]), false)),
+            Ok(Duration::from_secs(7))
+        );
+        assert_eq!(
+            rules.check_response(ok, &headers(&[("cache-control", "max-age=0")]), false),
+            Err("max-age")
+        );
+        let windows = headers(&[(
+            "cache-control",
+            "max-age=5, stale-while-revalidate=30, stale-if-error=600",
+        )]);
         assert_eq!(
             rules.check_response(ok, &windows, false),
             Ok(Freshness {
@@ -249,21 +332,49 @@ mod tests {
             })
         );
 
-        assert_eq!(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false), Err("status"));
+        assert_eq!(
+            rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false),
+            Err("status")
+        );
         rules.negative_ttl = Duration::from_secs(3);
-        assert_eq!(ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false)), Ok(Duration::from_secs(3)));
-        assert_eq!(ttl(rules.check_response(StatusCode::GONE, &cc, false)), Ok(Duration::from_secs(3)));
-        assert_eq!(ttl(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false)), Ok(Duration::from_secs(1)));
+        assert_eq!(
+            ttl(rules.check_response(StatusCode::NOT_FOUND, &headers(&[]), false)),
+            Ok(Duration::from_secs(3))
+        );
+        assert_eq!(
+            ttl(rules.check_response(StatusCode::GONE, &cc, false)),
+            Ok(Duration::from_secs(3))
+        );
+        assert_eq!(
+            ttl(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false)),
+            Ok(Duration::from_secs(1))
+        );
+        assert_eq!(
+            ttl(rules.check_response(StatusCode::TOO_MANY_REQUESTS, &headers(&[]), false)),
+            Ok(Duration::from_secs(1))
+        );
         rules.error_ttl = Duration::ZERO;
-        assert_eq!(rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false), Err("status"));
+        assert_eq!(
+            rules.check_response(StatusCode::BAD_GATEWAY, &headers(&[]), false),
+            Err("status")
+        );
 
         let vary_auth = headers(&[("vary", "Authorization, Cookie")]);
         assert_eq!(rules.check_response(ok, &vary_auth, false), Err("vary"));
-        assert!(rules.check_response(ok, &vary_auth, true).is_ok(), "per-user keys hold the credentials");
+        assert!(
+            rules.check_response(ok, &vary_auth, true).is_ok(),
+            "per-user keys hold the credentials"
+        );
 
         rules.honor_no_store = false;
         rules.store_set_cookie = true;
-        assert!(rules.check_response(ok, &headers(&[("cache-control", "no-store"), ("set-cookie", "a=b")]), false).is_ok());
+        assert!(rules
+            .check_response(
+                ok,
+                &headers(&[("cache-control", "no-store"), ("set-cookie", "a=b")]),
+                false
+            )
+            .is_ok());
     }
 
     #[test]
@@ -280,23 +391,35 @@ mod tests {
         assert!(etag_matches(&inm, &headers(&[("etag", "W/\"v2\"")])));
         assert!(!etag_matches(&inm, &headers(&[("etag", "\"v3\"")])));
         assert!(!etag_matches(&inm, &headers(&[])));
-        assert!(etag_matches(&HeaderValue::from_static("*"), &headers(&[("etag", "\"x\"")])));
+        assert!(etag_matches(
+            &HeaderValue::from_static("*"),
+            &headers(&[("etag", "\"x\"")])
+        ));
     }
 
     #[test]
     fn request_rules() {
         let mut rules = HttpRules::default();
         assert_eq!(rules.check_request(&Method::GET, &headers(&[])), Ok(false));
-        assert_eq!(rules.check_request(&Method::POST, &headers(&[])), Err(Outcome::Method));
+        assert_eq!(
+            rules.check_request(&Method::POST, &headers(&[])),
+            Err(Outcome::Method)
+        );
         assert_eq!(
             rules.check_request(&Method::GET, &headers(&[("range", "bytes=0-1")])),
             Err(Outcome::Bypass("range"))
         );
         let auth = headers(&[("authorization", "Bearer x")]);
-        assert_eq!(rules.check_request(&Method::GET, &auth), Err(Outcome::Bypass("private")));
+        assert_eq!(
+            rules.check_request(&Method::GET, &auth),
+            Err(Outcome::Bypass("private"))
+        );
         rules.private_requests = PrivateRequests::PerUser;
         assert_eq!(rules.check_request(&Method::GET, &auth), Ok(true));
         rules.private_requests = PrivateRequests::Shared;
-        assert_eq!(rules.check_request(&Method::GET, &headers(&[("cookie", "s=1")])), Ok(false));
+        assert_eq!(
+            rules.check_request(&Method::GET, &headers(&[("cookie", "s=1")])),
+            Ok(false)
+        );
     }
 }

@@ -15,6 +15,7 @@ use crate::body::StampedeBody;
 use crate::envelope::{now_ms, Entry};
 use crate::fill::{fill, spawn_refresh, Filled};
 use crate::future::ResponseFuture;
+use crate::key::Key;
 use crate::layer::Shared;
 use crate::policy::{etag_matches, strip_conditionals};
 use crate::stats::{Event, Stats};
@@ -46,7 +47,9 @@ impl<S: Clone> Clone for Stampede<S> {
 
 impl<S: fmt::Debug> fmt::Debug for Stampede<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stampede").field("inner", &self.inner).finish_non_exhaustive()
+        f.debug_struct("Stampede")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +107,9 @@ where
             key = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        ResponseFuture::new(Box::pin(handle(self.shared.clone(), svc, req).instrument(span)))
+        ResponseFuture::new(Box::pin(
+            handle(self.shared.clone(), svc, req).instrument(span),
+        ))
     }
 }
 
@@ -113,6 +118,8 @@ where
 pub(crate) struct Ask<'a> {
     head: bool,
     if_none_match: Option<&'a HeaderValue>,
+    /// When the request arrived, in Unix milliseconds.
+    now: u64,
 }
 
 /// What the leader of a local flight learned, beyond the shared entry.
@@ -145,23 +152,33 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let key = match shared.key_for(&parts) {
+    let key = match shared.key_for(&mut parts) {
         Ok(key) => Arc::new(key),
         Err(outcome) => {
             shared.counters.incr(Event::bypassed);
-            return forward(&shared, svc, Request::from_parts(parts, body), outcome).await;
+            return Box::pin(forward(
+                &shared,
+                svc,
+                Request::from_parts(parts, body),
+                outcome,
+            ))
+            .await;
         }
     };
     tracing::Span::current().record("key", &key.hex[..16]);
     let head = parts.method == Method::HEAD;
     // What goes upstream does so for everyone: without this client's validators.
     let if_none_match = strip_conditionals(&mut parts.headers);
-    let ask = Ask { head, if_none_match: if_none_match.as_ref() };
+    let now = now_ms();
+    let ask = Ask {
+        head,
+        if_none_match: if_none_match.as_ref(),
+        now,
+    };
     let req = Request::from_parts(parts, body);
 
     let mut fallback = None;
     if let Some(entry) = shared.l1.get(&key.hash).await {
-        let now = now_ms();
         if entry.is_fresh_at(now) {
             shared.counters.incr(Event::hits_memory);
             if let Some(beta) = shared.cfg.early_refresh {
@@ -182,9 +199,38 @@ where
     }
     if shared.is_pass(&key.hash) {
         shared.counters.incr(Event::hit_for_pass);
-        return forward(&shared, svc, req, Outcome::HitForPass).await;
+        return Box::pin(forward(&shared, svc, req, Outcome::HitForPass)).await;
     }
     shared.counters.incr(Event::misses);
+    // The miss path is boxed on its own: its state is large, and a hit should not carry
+    // (and move) it.
+    Box::pin(miss(shared, key, req, svc, fallback, head, if_none_match)).await
+}
+
+/// The miss path: one flight per key in this process, on moka's own coalescing. The leader
+/// runs the init (a spawned fill), the others wait for its value or its error.
+async fn miss<S, ReqB, B>(
+    shared: Arc<Shared>,
+    key: Arc<Key>,
+    req: Request<ReqB>,
+    svc: S,
+    fallback: Option<Arc<Entry>>,
+    head: bool,
+    if_none_match: Option<HeaderValue>,
+) -> Result<Response<StampedeBody<B>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let ask = Ask {
+        head,
+        if_none_match: if_none_match.as_ref(),
+        now: now_ms(),
+    };
     shared.ensure_subscriber();
 
     // One flight per key in this process, on moka's own coalescing: the leader runs the
@@ -198,17 +244,27 @@ where
             .entry(key.hash)
             .or_try_insert_with(async {
                 let (req, svc) = request.take().expect("a request leads at most one flight");
-                let filled = tokio::spawn(fill(shared.clone(), key.clone(), req, svc, fallback.clone()))
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "fill task failed");
-                        Filled::Failed(None)
-                    });
+                let filled = tokio::spawn(fill(
+                    shared.clone(),
+                    key.clone(),
+                    req,
+                    svc,
+                    fallback.clone(),
+                ))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "fill task failed");
+                    Filled::Failed(None)
+                });
                 let (result, learned) = match filled {
                     Filled::Entry(entry, outcome) => (Ok(entry), Leader::Entry(outcome)),
-                    Filled::Pass(res, outcome) => (Err(Flight::Pass), Leader::Response(res, outcome)),
+                    Filled::Pass(res, outcome) => {
+                        (Err(Flight::Pass), Leader::Response(res, outcome))
+                    }
                     Filled::Failed(e) => (Err(Flight::Failed), Leader::Failed(e)),
-                    Filled::Refused(outcome) => (Err(Flight::Refused(outcome)), Leader::Refused(outcome)),
+                    Filled::Refused(outcome) => {
+                        (Err(Flight::Refused(outcome)), Leader::Refused(outcome))
+                    }
                 };
                 leader = Some(learned);
                 result
@@ -231,6 +287,14 @@ where
                 return Ok(shared.respond(entry.value(), outcome, ask));
             }
             (Err(_), Some(Leader::Response(res, outcome))) => {
+                // The fill asked for a GET: a HEAD gets its head only.
+                let res = res.map(|r| {
+                    if head {
+                        r.map(|_| StampedeBody::empty())
+                    } else {
+                        r
+                    }
+                });
                 return res.map(|r| shared.stamp(r, outcome));
             }
             (Err(_), Some(Leader::Failed(Some(e)))) => return Err(e),
@@ -252,7 +316,9 @@ where
                 Flight::Failed => {
                     failures += 1;
                     if failures > shared.cfg.max_takeovers {
-                        return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
+                        return Ok(
+                            shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed)
+                        );
                     }
                 }
             },
@@ -278,7 +344,7 @@ impl Shared {
     /// Adds this cache's `Cache-Status` entry after any from upstream caches.
     pub(crate) fn stamp<B>(&self, mut res: Response<B>, outcome: Outcome) -> Response<B> {
         tracing::Span::current().record("outcome", outcome.name());
-        let ours = outcome.header(&self.cfg.cache_name);
+        let ours = self.status_values.get(outcome);
         let value = match res.headers().get(&CACHE_STATUS) {
             Some(theirs) => {
                 let mut joined = theirs.as_bytes().to_vec();
@@ -292,12 +358,19 @@ impl Shared {
         res
     }
 
-    pub(crate) fn respond<B>(&self, entry: &Entry, outcome: Outcome, ask: Ask<'_>) -> Response<StampedeBody<B>> {
+    pub(crate) fn respond<B>(
+        &self,
+        entry: &Entry,
+        outcome: Outcome,
+        ask: Ask<'_>,
+    ) -> Response<StampedeBody<B>> {
         if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
             self.counters.incr(Event::stale_served);
         }
         let not_modified = entry.status == StatusCode::OK
-            && ask.if_none_match.is_some_and(|inm| etag_matches(inm, &entry.headers));
+            && ask
+                .if_none_match
+                .is_some_and(|inm| etag_matches(inm, &entry.headers));
         let body = if ask.head || not_modified {
             StampedeBody::empty()
         } else {
@@ -310,12 +383,23 @@ impl Shared {
             res.headers_mut().remove(http::header::CONTENT_LENGTH);
         } else {
             *res.status_mut() = entry.status;
+            if ask.head {
+                res.headers_mut().insert(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from(entry.body.len()),
+                );
+            }
         }
-        res.headers_mut().insert(AGE, HeaderValue::from(entry.age_secs(now_ms())));
+        res.headers_mut()
+            .insert(AGE, HeaderValue::from(entry.age_secs(ask.now)));
         self.stamp(res, outcome)
     }
 
-    pub(crate) fn error_response<B>(&self, status: StatusCode, outcome: Outcome) -> Response<StampedeBody<B>> {
+    pub(crate) fn error_response<B>(
+        &self,
+        status: StatusCode,
+        outcome: Outcome,
+    ) -> Response<StampedeBody<B>> {
         let mut res = Response::new(StampedeBody::empty());
         *res.status_mut() = status;
         self.stamp(res, outcome)

@@ -35,6 +35,38 @@ pub(crate) enum Outcome {
     UpstreamFailed,
 }
 
+/// The `Cache-Status` values of the hot outcomes, formatted once per layer.
+#[derive(Clone, Debug)]
+pub(crate) struct StatusValues {
+    cache: String,
+    hit_memory: HeaderValue,
+    hit_redis: HeaderValue,
+    stale: HeaderValue,
+    collapsed: HeaderValue,
+}
+
+impl StatusValues {
+    pub(crate) fn new(cache: &str) -> Self {
+        StatusValues {
+            cache: cache.to_owned(),
+            hit_memory: Outcome::HitMemory.header(cache),
+            hit_redis: Outcome::HitRedis.header(cache),
+            stale: Outcome::Stale.header(cache),
+            collapsed: Outcome::Collapsed.header(cache),
+        }
+    }
+
+    pub(crate) fn get(&self, outcome: Outcome) -> HeaderValue {
+        match outcome {
+            Outcome::HitMemory => self.hit_memory.clone(),
+            Outcome::HitRedis => self.hit_redis.clone(),
+            Outcome::Stale => self.stale.clone(),
+            Outcome::Collapsed => self.collapsed.clone(),
+            other => other.header(&self.cache),
+        }
+    }
+}
+
 impl Outcome {
     pub(crate) fn header(self, cache: &str) -> HeaderValue {
         let params = match self {

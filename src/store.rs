@@ -85,7 +85,9 @@ impl RedisStore {
         match (int(reply.first()), reply.get(1)) {
             (Some(1), Some(Value::BulkString(b))) => Ok(Check::Value(Bytes::from(b.clone()))),
             (Some(2), _) => Ok(Check::Locked),
-            (Some(3), pttl) => Ok(Check::Held(Duration::from_millis(int(pttl).unwrap_or(0).max(0) as u64))),
+            (Some(3), pttl) => Ok(Check::Held(Duration::from_millis(
+                int(pttl).unwrap_or(0).max(0) as u64,
+            ))),
             _ => Err(unexpected("check-and-lock")),
         }
     }
@@ -111,7 +113,11 @@ impl RedisStore {
                     .arg(millis(ttl))
                     .arg(&self.channel)
                     .arg(&key.hex)
-                    .arg(if bytes.len() <= crate::wake::INLINE_MAX { "1" } else { "0" })
+                    .arg(if bytes.len() <= crate::wake::INLINE_MAX {
+                        "1"
+                    } else {
+                        "0"
+                    })
                     .invoke_async(&mut c)
                     .await
             })
@@ -120,7 +126,11 @@ impl RedisStore {
     }
 
     /// Releases (if still ours) and publishes, for a fill that produced nothing to store.
-    pub(crate) async fn release_publish(&self, key: &Key, token: &str) -> Result<bool, BackendError> {
+    pub(crate) async fn release_publish(
+        &self,
+        key: &Key,
+        token: &str,
+    ) -> Result<bool, BackendError> {
         let lk = self.lock_key(key);
         let held: i64 = self
             .conn
@@ -137,7 +147,12 @@ impl RedisStore {
         Ok(held == 1)
     }
 
-    pub(crate) async fn extend(&self, key: &Key, token: &str, lease: Duration) -> Result<bool, BackendError> {
+    pub(crate) async fn extend(
+        &self,
+        key: &Key,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, BackendError> {
         let lk = self.lock_key(key);
         let n: i64 = self
             .conn
@@ -163,7 +178,12 @@ pub(crate) struct LocalLocks {
 
 impl LocalLocks {
     /// `None` when taken, else the time left on the holder's lease.
-    pub(crate) fn try_lock(&self, hash: [u8; 32], token: &str, lease: Duration) -> Option<Duration> {
+    pub(crate) fn try_lock(
+        &self,
+        hash: [u8; 32],
+        token: &str,
+        lease: Duration,
+    ) -> Option<Duration> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if let Some((_, until)) = map.get(&hash) {

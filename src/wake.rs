@@ -44,7 +44,11 @@ impl Waiting {
 
     /// The stored bytes the last wake-up carried.
     pub(crate) fn value(&self) -> Option<Bytes> {
-        self.slot.value.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.slot
+            .value
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -97,15 +101,23 @@ pub(crate) async fn subscribe(
     let mut backoff = Duration::from_millis(50);
     loop {
         let session = async {
-            let mut pubsub = tokio::time::timeout(timeout.max(Duration::from_secs(1)), client.get_async_pubsub())
+            let mut pubsub = tokio::time::timeout(
+                timeout.max(Duration::from_secs(1)),
+                client.get_async_pubsub(),
+            )
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+            pubsub
+                .subscribe(&channel)
                 .await
-                .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
-            pubsub.subscribe(&channel).await.map_err(|e| e.to_string())?;
             tracing::debug!(%channel, "subscribed to wake-ups");
             let mut messages = pubsub.into_on_message();
             while let Some(msg) = messages.next().await {
-                let Some(shared) = shared.upgrade() else { return Ok(()) };
+                let Some(shared) = shared.upgrade() else {
+                    return Ok(());
+                };
                 if let Some((hash, value)) = parse_message(msg.get_payload_bytes()) {
                     shared.on_wake(hash, value).await;
                 }

@@ -31,10 +31,16 @@ fn nodes(server: &RedisServer, n: usize) -> Vec<StampedeLayer> {
 
 /// Fires `per_key` concurrent requests for each path, spread round-robin over the nodes,
 /// all released at once; returns (path, status, cache-status, body) per request.
-async fn stampede<S>(services: &[S], paths: &[String], per_key: usize) -> Vec<(String, StatusCode, String, String)>
+async fn stampede<S>(
+    services: &[S],
+    paths: &[String],
+    per_key: usize,
+) -> Vec<(String, StatusCode, String, String)>
 where
-    S: Service<Request<Full<Bytes>>, Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>>
-        + Clone
+    S: Service<
+            Request<Full<Bytes>>,
+            Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send,
@@ -109,11 +115,17 @@ async fn three_nodes_100_keys_30_requests_each_make_100_upstream_calls() {
     let mut bodies = std::collections::HashMap::new();
     for (path, status, _, body) in &results {
         assert_eq!(*status, StatusCode::OK);
-        assert!(body.starts_with(&format!("{path} #")), "{path} answered with {body}");
+        assert!(
+            body.starts_with(&format!("{path} #")),
+            "{path} answered with {body}"
+        );
         let first = bodies.entry(path.clone()).or_insert_with(|| body.clone());
         assert_eq!(first, body, "every request for {path} got the same answer");
     }
-    eprintln!("3000 requests, 3 nodes, 100 cold keys: {} upstream calls in {elapsed:?}", upstream.calls());
+    eprintln!(
+        "3000 requests, 3 nodes, 100 cold keys: {} upstream calls in {elapsed:?}",
+        upstream.calls()
+    );
 }
 
 /// An inner service that fails (or panics) on every call, counting calls.
@@ -127,9 +139,14 @@ struct Failing {
 impl Service<Request<Full<Bytes>>> for Failing {
     type Response = Response<Full<Bytes>>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -151,16 +168,24 @@ impl Service<Request<Full<Bytes>>> for Failing {
 
 async fn failing_upstream_answers_everyone(panic: bool) {
     let server = RedisServer::start();
-    let layers: Vec<_> = (0..3).map(|_| node(&server).max_takeovers(1).build()).collect();
+    let layers: Vec<_> = (0..3)
+        .map(|_| node(&server).max_takeovers(1).build())
+        .collect();
     let calls = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Barrier::new(2));
-    let inner = Failing { calls: calls.clone(), panic, release: release.clone() };
+    let inner = Failing {
+        calls: calls.clone(),
+        panic,
+        release: release.clone(),
+    };
     let services: Vec<_> = layers.iter().map(|l| l.layer(inner.clone())).collect();
 
     let mut tasks = Vec::new();
     for i in 0..30 {
         let svc = services[i % 3].clone();
-        tasks.push(tokio::spawn(async move { svc.oneshot(get("/broken")).await }));
+        tasks.push(tokio::spawn(
+            async move { svc.oneshot(get("/broken")).await },
+        ));
     }
     // Let the first upstream call fail once all 30 requests are queued behind it.
     while layers.iter().map(|l| l.stats().misses).sum::<u64>() < 30 {
@@ -171,11 +196,19 @@ async fn failing_upstream_answers_everyone(panic: bool) {
     let mut errors = 0;
     let mut bad_gateway = 0;
     for t in tasks {
-        match tokio::time::timeout(Duration::from_secs(60), t).await.expect("a request hung").unwrap() {
+        match tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a request hung")
+            .unwrap()
+        {
             Err(_) => errors += 1,
             Ok(res) => {
                 assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
-                assert!(cache_status(&res).contains("upstream-failed"), "{}", cache_status(&res));
+                assert!(
+                    cache_status(&res).contains("upstream-failed"),
+                    "{}",
+                    cache_status(&res)
+                );
                 bad_gateway += 1;
             }
         }
@@ -278,7 +311,10 @@ async fn redis_killed_fails_open_and_coalescing_resumes_after_restart() {
         assert!(body.starts_with("/during #"));
     }
     let during = upstream.calls() - before;
-    assert!((1..=3).contains(&during), "fail open, coalesced per node: {during} calls");
+    assert!(
+        (1..=3).contains(&during),
+        "fail open, coalesced per node: {during} calls"
+    );
     assert!(layers.iter().map(|l| l.stats().redis_errors).sum::<u64>() > 0);
 
     server.restart();
@@ -306,7 +342,9 @@ async fn redis_killed_fails_open_and_coalescing_resumes_after_restart() {
 async fn redis_paused_fails_open_without_hanging() {
     let server = RedisServer::start();
     let upstream = Upstream::new(Duration::ZERO);
-    let layer = node(&server).redis_timeout(Duration::from_millis(100)).build();
+    let layer = node(&server)
+        .redis_timeout(Duration::from_millis(100))
+        .build();
     let svc = layer.layer(upstream.service());
     svc.clone().oneshot(get("/warm")).await.unwrap();
     server.pause();
@@ -339,8 +377,14 @@ async fn garbage_and_foreign_bytes_are_a_miss_then_overwritten() {
     let server = RedisServer::start();
     let upstream = Upstream::new(Duration::ZERO);
     let first = node(&server).build().layer(upstream.service());
-    assert_eq!(text(first.clone().oneshot(get("/g")).await.unwrap()).await, "/g #1");
-    assert_eq!(text(first.clone().oneshot(get("/other")).await.unwrap()).await, "/other #2");
+    assert_eq!(
+        text(first.clone().oneshot(get("/g")).await.unwrap()).await,
+        "/g #1"
+    );
+    assert_eq!(
+        text(first.clone().oneshot(get("/other")).await.unwrap()).await,
+        "/other #2"
+    );
 
     let mut conn = server.conn().await;
     let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
@@ -348,7 +392,11 @@ async fn garbage_and_foreign_bytes_are_a_miss_then_overwritten() {
     let mut key_of = std::collections::HashMap::new();
     for k in &keys {
         let v: Vec<u8> = conn.get(k).await.unwrap();
-        let body = if v.ends_with(b"/g #1") { "/g" } else { "/other" };
+        let body = if v.ends_with(b"/g #1") {
+            "/g"
+        } else {
+            "/other"
+        };
         key_of.insert(body, k.clone());
     }
     let g_key = key_of["/g"].clone();
@@ -366,11 +414,18 @@ async fn garbage_and_foreign_bytes_are_a_miss_then_overwritten() {
         let fresh = node(&server).build().layer(upstream.service());
         let res = fresh.oneshot(get("/g")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{what}");
-        assert!(cache_status(&res).contains("stored"), "{what}: {}", cache_status(&res));
+        assert!(
+            cache_status(&res).contains("stored"),
+            "{what}: {}",
+            cache_status(&res)
+        );
         let expected = format!("/g #{}", i + 3);
         assert_eq!(text(res).await, expected, "{what} was a miss");
         let stored: Vec<u8> = conn.get(&g_key).await.unwrap();
-        assert!(stored.starts_with(b"TSE") && stored.ends_with(expected.as_bytes()), "{what} overwritten");
+        assert!(
+            stored.starts_with(b"TSE") && stored.ends_with(expected.as_bytes()),
+            "{what} overwritten"
+        );
     }
 }
 

@@ -27,7 +27,11 @@ struct Origin {
 
 impl Origin {
     fn new(delay: Duration) -> Self {
-        Origin { calls: Arc::default(), failing: Arc::default(), delay }
+        Origin {
+            calls: Arc::default(),
+            failing: Arc::default(),
+            delay,
+        }
     }
 
     fn calls(&self) -> usize {
@@ -40,8 +44,12 @@ impl Origin {
 
     fn service(
         &self,
-    ) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
-           + Clone
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone
            + Send
            + Sync
            + 'static {
@@ -51,7 +59,8 @@ impl Origin {
             async move {
                 let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(this.delay).await;
-                let mut res = Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path()))));
+                let mut res =
+                    Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path()))));
                 if this.failing.load(Ordering::SeqCst) {
                     *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                 } else if req.uri().path().starts_with("/missing") {
@@ -78,15 +87,20 @@ fn total(layers: &[StampedeLayer], f: impl Fn(Stats) -> u64) -> u64 {
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "gave up waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gave up waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
 async fn fire<S>(services: &[S], path: &str, n: usize) -> Vec<(StatusCode, String, String)>
 where
-    S: tower::Service<Request<Full<Bytes>>, Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>>
-        + Clone
+    S: tower::Service<
+            Request<Full<Bytes>>,
+            Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send,
@@ -116,30 +130,62 @@ async fn inside_the_grace_window_everyone_gets_the_stale_copy_while_one_refresh_
     let server = RedisServer::start();
     let origin = Origin::new(Duration::from_millis(200));
     let ttl = Duration::from_millis(300);
-    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).grace(Duration::from_secs(60)).build()).collect();
+    let layers: Vec<_> = (0..3)
+        .map(|_| {
+            node(&server)
+                .ttl(ttl)
+                .grace(Duration::from_secs(60))
+                .build()
+        })
+        .collect();
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
     // Node 0 stores the value; then the TTL passes.
-    assert_eq!(text(services[0].clone().oneshot(get("/swr")).await.unwrap()).await, "/swr #1");
+    assert_eq!(
+        text(services[0].clone().oneshot(get("/swr")).await.unwrap()).await,
+        "/swr #1"
+    );
     tokio::time::sleep(ttl).await;
 
     let results = fire(&services, "/swr", 100).await;
     for (status, cs, body) in &results {
         assert_eq!(*status, StatusCode::OK);
         assert_eq!(body, "/swr #1");
-        assert!(cs.contains("detail=stale"), "answered from the stale copy: {cs}");
+        assert!(
+            cs.contains("detail=stale"),
+            "answered from the stale copy: {cs}"
+        );
     }
     // Exactly one refresh, fleet-wide.
     until("the refresh to land", || total(&layers, |s| s.stored) == 2).await;
     assert_eq!(origin.calls(), 2);
 
-    // Every node sees the new value (node 0 through its wake-up, the others from Redis).
-    let results = fire(&services, "/swr", 30).await;
-    for (status, cs, body) in &results {
-        assert_eq!(*status, StatusCode::OK);
-        assert_eq!(body, "/swr #2", "{cs}");
-        assert!(!cs.contains("stale") && !cs.contains("stored"), "{cs}");
+    // Every node converges on the new value through the wake-up (or, if one was missed,
+    // by adopting the newer copy from Redis), without another upstream call.
+    for (i, svc) in services.iter().enumerate() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let res = svc.clone().oneshot(get("/swr")).await.unwrap();
+            let cs = cache_status(&res);
+            match text(res).await.as_str() {
+                "/swr #2" => {
+                    assert!(!cs.contains("stale") && !cs.contains("stored"), "{cs}");
+                    break;
+                }
+                "/swr #1" => assert!(cs.contains("detail=stale"), "node {i}: {cs}"),
+                other => panic!("node {i} answered {other}"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {i} never saw the refresh"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
+    let results = fire(&services, "/swr", 30).await;
+    assert!(results
+        .iter()
+        .all(|(s, _, b)| *s == StatusCode::OK && b == "/swr #2"));
     assert_eq!(origin.calls(), 2);
     assert!(total(&layers, |s| s.stale_served) >= 100);
 }
@@ -149,19 +195,39 @@ async fn a_failing_refresh_keeps_serving_stale_and_retries_later() {
     let server = RedisServer::start();
     let origin = Origin::new(Duration::from_millis(20));
     let ttl = Duration::from_millis(200);
-    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).grace(Duration::from_secs(60)).build()).collect();
+    let layers: Vec<_> = (0..3)
+        .map(|_| {
+            node(&server)
+                .ttl(ttl)
+                .grace(Duration::from_secs(60))
+                .build()
+        })
+        .collect();
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
-    assert_eq!(text(services[0].clone().oneshot(get("/flaky")).await.unwrap()).await, "/flaky #1");
+    assert_eq!(
+        text(services[0].clone().oneshot(get("/flaky")).await.unwrap()).await,
+        "/flaky #1"
+    );
     tokio::time::sleep(ttl).await;
     origin.fail(true);
 
     let results = fire(&services, "/flaky", 30).await;
-    assert!(results.iter().all(|(s, cs, b)| *s == StatusCode::OK && b == "/flaky #1" && cs.contains("stale")));
-    until("the refresh to fail", || total(&layers, |s| s.upstream_failures) >= 1).await;
+    assert!(results
+        .iter()
+        .all(|(s, cs, b)| *s == StatusCode::OK && b == "/flaky #1" && cs.contains("stale")));
+    until("the refresh to fail", || {
+        total(&layers, |s| s.upstream_failures) >= 1
+    })
+    .await;
     let failed_calls = origin.calls();
     let results = fire(&services, "/flaky", 30).await;
-    assert!(results.iter().all(|(s, _, b)| *s == StatusCode::OK && b == "/flaky #1"), "stale kept after a failure");
+    assert!(
+        results
+            .iter()
+            .all(|(s, _, b)| *s == StatusCode::OK && b == "/flaky #1"),
+        "stale kept after a failure"
+    );
 
     // Once the upstream recovers, a later refresh lands.
     origin.fail(false);
@@ -185,28 +251,49 @@ async fn stale_if_error_serves_the_stale_copy_when_the_upstream_fails() {
     let server = RedisServer::start();
     let origin = Origin::new(Duration::ZERO);
     let ttl = Duration::from_millis(200);
-    let layers: Vec<_> =
-        (0..2).map(|_| node(&server).ttl(ttl).stale_if_error(Duration::from_secs(60)).build()).collect();
+    let layers: Vec<_> = (0..2)
+        .map(|_| {
+            node(&server)
+                .ttl(ttl)
+                .stale_if_error(Duration::from_secs(60))
+                .build()
+        })
+        .collect();
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
-    assert_eq!(text(services[0].clone().oneshot(get("/sie")).await.unwrap()).await, "/sie #1");
+    assert_eq!(
+        text(services[0].clone().oneshot(get("/sie")).await.unwrap()).await,
+        "/sie #1"
+    );
     tokio::time::sleep(ttl).await;
     origin.fail(true);
     for svc in &services {
         // Node 0 has the copy in memory, node 1 only in Redis.
         let res = svc.clone().oneshot(get("/sie")).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        assert!(cache_status(&res).contains("stale-if-error"), "{}", cache_status(&res));
+        assert!(
+            cache_status(&res).contains("stale-if-error"),
+            "{}",
+            cache_status(&res)
+        );
         assert_eq!(text(res).await, "/sie #1");
     }
     // No grace window: once the upstream is back, the next request waits for it.
     origin.fail(false);
     let res = services[1].clone().oneshot(get("/sie")).await.unwrap();
-    assert!(cache_status(&res).contains("stored"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("stored"),
+        "{}",
+        cache_status(&res)
+    );
     assert_eq!(text(res).await, format!("/sie #{}", origin.calls()));
 
     // Without stale-if-error the failure reaches the client.
-    let plain = node(&server).prefix("plain").ttl(ttl).build().layer(origin.service());
+    let plain = node(&server)
+        .prefix("plain")
+        .ttl(ttl)
+        .build()
+        .layer(origin.service());
     plain.clone().oneshot(get("/sie")).await.unwrap();
     tokio::time::sleep(ttl).await;
     origin.fail(true);
@@ -219,7 +306,9 @@ async fn early_refresh_keeps_a_steadily_hot_key_from_ever_missing() {
     let server = RedisServer::start();
     let origin = Origin::new(Duration::from_millis(50));
     let ttl = Duration::from_millis(600);
-    let layers: Vec<_> = (0..3).map(|_| node(&server).ttl(ttl).early_refresh(4.0).build()).collect();
+    let layers: Vec<_> = (0..3)
+        .map(|_| node(&server).ttl(ttl).early_refresh(4.0).build())
+        .collect();
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
     let first = services[0].clone().oneshot(get("/hot")).await.unwrap();
@@ -228,11 +317,17 @@ async fn early_refresh_keeps_a_steadily_hot_key_from_ever_missing() {
     for i in 0..200 {
         let res = services[i % 3].clone().oneshot(get("/hot")).await.unwrap();
         let cs = cache_status(&res);
-        assert!(cs.contains("; hit"), "request {i} was not answered from cache: {cs}");
+        assert!(
+            cs.contains("; hit"),
+            "request {i} was not answered from cache: {cs}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let refreshes = total(&layers, |s| s.refreshes);
-    assert!(refreshes >= 2, "the key was refreshed early ({refreshes} refreshes)");
+    assert!(
+        refreshes >= 2,
+        "the key was refreshed early ({refreshes} refreshes)"
+    );
     assert_eq!(origin.calls() as u64, 1 + refreshes);
 }
 
@@ -259,11 +354,22 @@ async fn negative_entries_are_stored_briefly_and_expire_on_time() {
 
     tokio::time::sleep(negative_ttl).await;
     let res = svc.clone().oneshot(get("/missing/1")).await.unwrap();
-    assert!(cache_status(&res).contains("stored"), "expired: {}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("stored"),
+        "expired: {}",
+        cache_status(&res)
+    );
     assert_eq!(origin.calls(), 2);
 
     // Off by default: a 404 is not stored.
-    let default = node(&server).prefix("default").build().layer(origin.service());
+    let default = node(&server)
+        .prefix("default")
+        .build()
+        .layer(origin.service());
     let res = default.oneshot(get("/missing/2")).await.unwrap();
-    assert!(cache_status(&res).contains("uncacheable"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("uncacheable"),
+        "{}",
+        cache_status(&res)
+    );
 }

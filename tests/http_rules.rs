@@ -7,7 +7,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -554,7 +554,10 @@ async fn uncacheable_answers_are_not_stored_and_mark_hit_for_pass() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncacheable_status_500_is_passed_through_as_is() {
     let inner = Scripted::new(StatusCode::INTERNAL_SERVER_ERROR, &[("x-upstream", "yes")]);
-    let svc = StampedeLayer::builder().error_ttl(Duration::ZERO).build().layer(inner.service());
+    let svc = StampedeLayer::builder()
+        .error_ttl(Duration::ZERO)
+        .build()
+        .layer(inner.service());
     for n in 1..=2 {
         let res = call(&svc, get("/err")).await;
         assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -1052,63 +1055,84 @@ async fn axum_route_layer_caches_only_the_protected_route() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn head_is_cached_apart_from_get_with_an_empty_body() {
+async fn head_and_get_share_one_entry_and_head_gets_no_body() {
     let upstream = Upstream::new(Duration::ZERO);
+    let methods = Arc::new(Mutex::new(Vec::new()));
+    let seen = methods.clone();
+    let inner = tower::service_fn(move |req: Request<Full<Bytes>>| {
+        seen.lock().unwrap().push(req.method().clone());
+        upstream.service().oneshot(req)
+    });
     let layer = StampedeLayer::builder().build();
-    let svc = layer.layer(upstream.service());
-    let head = || request(Method::HEAD, "/h", &[]);
+    let svc = layer.layer(inner);
+    let head = |path: &str| request(Method::HEAD, path, &[]);
 
-    let res = call(&svc, head()).await;
+    // A cold HEAD fills the entry with a GET, and answers the head only.
+    let res = call(&svc, head("/h")).await;
     assert_eq!(cache_status(&res), cs(STORED));
+    assert_eq!(res.headers().get("content-length").unwrap(), "5");
     assert!(bytes_of(res).await.is_empty(), "HEAD answers carry no body");
-    assert_eq!(upstream.calls(), 1);
+    assert_eq!(*methods.lock().unwrap(), vec![Method::GET]);
 
-    // GET is a key of its own: not the HEAD entry.
-    assert_eq!(fetch(&svc, "/h").await, (cs(STORED), "/h #2".to_owned()));
-    assert_eq!(upstream.calls(), 2);
-
-    let res = call(&svc, head()).await;
-    assert_eq!(cache_status(&res), cs(HIT_MEMORY));
-    assert!(bytes_of(res).await.is_empty(), "a HEAD hit carries no body");
+    // The GET is served from that entry, and so is the next HEAD.
     assert_eq!(
         fetch(&svc, "/h").await,
-        (cs(HIT_MEMORY), "/h #2".to_owned())
+        (cs(HIT_MEMORY), "/h #1".to_owned())
     );
-    assert_eq!(upstream.calls(), 2);
+    let res = call(&svc, head("/h")).await;
+    assert_eq!(cache_status(&res), cs(HIT_MEMORY));
+    assert_eq!(res.headers().get("content-length").unwrap(), "5");
+    assert!(bytes_of(res).await.is_empty(), "a HEAD hit carries no body");
 
-    // GET first, then HEAD, on another path: still two entries, HEAD still empty.
-    assert_eq!(fetch(&svc, "/g").await, (cs(STORED), "/g #3".to_owned()));
-    let res = call(&svc, request(Method::HEAD, "/g", &[])).await;
-    assert_eq!(cache_status(&res), cs(STORED));
+    // GET first, then HEAD: one upstream call.
+    assert_eq!(fetch(&svc, "/g").await, (cs(STORED), "/g #2".to_owned()));
+    let res = call(&svc, head("/g")).await;
+    assert_eq!(cache_status(&res), cs(HIT_MEMORY));
     assert!(bytes_of(res).await.is_empty());
-    assert_eq!(upstream.calls(), 4);
+    assert_eq!(methods.lock().unwrap().len(), 2);
 }
 
 /// Answers 304 to `If-None-Match: "v1"`, 206 to a `Range`, else a full body with that ETag.
 fn etag_upstream(
     calls: Arc<AtomicUsize>,
-) -> impl tower::Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
-       + Clone
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
        + Send
        + 'static {
     tower::service_fn(move |req: Request<Full<Bytes>>| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let res = if req.headers().get("if-none-match").is_some_and(|v| v == "\"v1\"") {
-            Response::builder().status(StatusCode::NOT_MODIFIED).header("etag", "\"v1\"").body(Full::default())
+        let res = if req
+            .headers()
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"v1\"")
+        {
+            Response::builder()
+                .status(StatusCode::NOT_MODIFIED)
+                .header("etag", "\"v1\"")
+                .body(Full::default())
         } else if req.headers().contains_key("range") {
             Response::builder()
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header("content-range", "bytes 0-1/10")
                 .body(Full::new(Bytes::from("ab")))
         } else {
-            Response::builder().header("etag", "\"v1\"").body(Full::new(Bytes::from(format!("full #{n}"))))
+            Response::builder()
+                .header("etag", "\"v1\"")
+                .body(Full::new(Bytes::from(format!("full #{n}"))))
         };
         std::future::ready(Ok::<_, Infallible>(res.unwrap()))
     })
 }
 
 fn conditional(path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://test{path}")).header("if-none-match", "\"v1\"").body(Full::default()).unwrap()
+    Request::get(format!("http://test{path}"))
+        .header("if-none-match", "\"v1\"")
+        .body(Full::default())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1126,7 +1150,11 @@ async fn conditional_and_range_requests_never_poison_the_key_for_the_fleet() {
     // A cold conditional request fills the key with the full answer and gets its 304.
     let res = a.clone().oneshot(conditional("/doc")).await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
-    assert!(cache_status(&res).contains("stored"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("stored"),
+        "{}",
+        cache_status(&res)
+    );
     assert!(text(res).await.is_empty());
     let res = b.clone().oneshot(get("/doc")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -1135,37 +1163,62 @@ async fn conditional_and_range_requests_never_poison_the_key_for_the_fleet() {
     // A hit answers a matching validator with 304, a stale one with the body.
     let res = b.clone().oneshot(conditional("/doc")).await.unwrap();
     assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
-    let stale_validator = Request::get("http://test/doc").header("if-none-match", "\"v0\"").body(Full::default()).unwrap();
+    let stale_validator = Request::get("http://test/doc")
+        .header("if-none-match", "\"v0\"")
+        .body(Full::default())
+        .unwrap();
     let res = b.clone().oneshot(stale_validator).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     // A range request goes upstream untouched and leaves no marker behind.
-    let range = Request::get("http://test/r").header("range", "bytes=0-1").body(Full::default()).unwrap();
+    let range = Request::get("http://test/r")
+        .header("range", "bytes=0-1")
+        .body(Full::default())
+        .unwrap();
     let res = a.clone().oneshot(range).await.unwrap();
     assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
-    assert!(cache_status(&res).contains("fwd=bypass; detail=range"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("fwd=bypass; detail=range"),
+        "{}",
+        cache_status(&res)
+    );
     let res = b.clone().oneshot(get("/r")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert!(cache_status(&res).contains("stored"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("stored"),
+        "{}",
+        cache_status(&res)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conditional_request_in_grace_refreshes_with_a_full_answer() {
     let calls = Arc::new(AtomicUsize::new(0));
     let ttl = Duration::from_millis(200);
-    let layer = StampedeLayer::builder().ttl(ttl).grace(Duration::from_secs(60)).build();
+    let layer = StampedeLayer::builder()
+        .ttl(ttl)
+        .grace(Duration::from_secs(60))
+        .build();
     let svc = layer.layer(etag_upstream(calls.clone()));
     svc.clone().oneshot(get("/doc")).await.unwrap();
     tokio::time::sleep(ttl).await;
     let res = svc.clone().oneshot(conditional("/doc")).await.unwrap();
-    assert!(cache_status(&res).contains("detail=stale"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("detail=stale"),
+        "{}",
+        cache_status(&res)
+    );
     while layer.stats().stored < 2 {
         assert_eq!(layer.stats().upstream_failures, 0);
         tokio::task::yield_now().await;
     }
     let res = svc.clone().oneshot(get("/doc")).await.unwrap();
-    assert!(cache_status(&res).contains("detail=memory"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("detail=memory"),
+        "{}",
+        cache_status(&res)
+    );
     assert_eq!(text(res).await, "full #2");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
@@ -1179,7 +1232,10 @@ async fn per_user_keys_keep_credentials_out_of_redis_and_may_vary_on_them() {
         tower::service_fn(move |_r: Request<Full<Bytes>>| {
             calls.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Ok::<_, Infallible>(
-                Response::builder().header("vary", "Authorization").body(Full::new(Bytes::from("me"))).unwrap(),
+                Response::builder()
+                    .header("vary", "Authorization")
+                    .body(Full::new(Bytes::from("me")))
+                    .unwrap(),
             ))
         })
     };
@@ -1188,9 +1244,18 @@ async fn per_user_keys_keep_credentials_out_of_redis_and_may_vary_on_them() {
         .private_requests(PrivateRequests::PerUser)
         .build()
         .layer(inner);
-    let me = || Request::get("http://test/me").header("authorization", "Bearer SECRET-TOKEN-123").body(Full::default()).unwrap();
+    let me = || {
+        Request::get("http://test/me")
+            .header("authorization", "Bearer SECRET-TOKEN-123")
+            .body(Full::default())
+            .unwrap()
+    };
     let res = svc.clone().oneshot(me()).await.unwrap();
-    assert!(cache_status(&res).contains("stored"), "{}", cache_status(&res));
+    assert!(
+        cache_status(&res).contains("stored"),
+        "{}",
+        cache_status(&res)
+    );
     let res = svc.clone().oneshot(me()).await.unwrap();
     assert!(cache_status(&res).contains("hit"), "{}", cache_status(&res));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -1199,5 +1264,8 @@ async fn per_user_keys_keep_credentials_out_of_redis_and_may_vary_on_them() {
     let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
     assert_eq!(keys.len(), 1);
     let stored: Vec<u8> = conn.get(&keys[0]).await.unwrap();
-    assert!(!stored.windows(16).any(|w| w == b"SECRET-TOKEN-123"), "credentials written to redis");
+    assert!(
+        !stored.windows(16).any(|w| w == b"SECRET-TOKEN-123"),
+        "credentials written to redis"
+    );
 }

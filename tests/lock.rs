@@ -36,9 +36,17 @@ async fn second_acquire_gives_up_after_its_retries() {
         other => panic!("expected NotAcquired, got {other:?}"),
     }
     // Another key is independent.
-    second.try_acquire("other").await.unwrap().expect("free key");
+    second
+        .try_acquire("other")
+        .await
+        .unwrap()
+        .expect("free key");
     guard.release().await.unwrap();
-    second.try_acquire("job").await.unwrap().expect("released key");
+    second
+        .try_acquire("job")
+        .await
+        .unwrap()
+        .expect("released key");
 }
 
 #[tokio::test]
@@ -52,8 +60,14 @@ async fn lease_expiry_lets_the_next_holder_in_and_a_stale_release_leaves_its_loc
     assert_ne!(stale.token(), current.token());
 
     let stale_token = stale.token().to_owned();
-    assert!(matches!(stale.extend(Duration::from_secs(5)).await, Err(LockError::NotHeld { .. })));
-    assert!(matches!(stale.release().await, Err(LockError::NotHeld { .. })));
+    assert!(matches!(
+        stale.extend(Duration::from_secs(5)).await,
+        Err(LockError::NotHeld { .. })
+    ));
+    assert!(matches!(
+        stale.release().await,
+        Err(LockError::NotHeld { .. })
+    ));
 
     let mut conn = server.conn().await;
     let holder: Option<String> = conn.get("t:k").await.unwrap();
@@ -88,7 +102,16 @@ async fn run_releases_on_success_error_and_panic() {
     let v = l
         .run("k", || async {
             // The lock is held while the closure runs.
-            observed = Some(server.client().get_multiplexed_async_connection().await.unwrap().exists::<_, bool>("t:k").await.unwrap());
+            observed = Some(
+                server
+                    .client()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap()
+                    .exists::<_, bool>("t:k")
+                    .await
+                    .unwrap(),
+            );
             7
         })
         .await
@@ -102,7 +125,9 @@ async fn run_releases_on_success_error_and_panic() {
     assert!(!conn.exists::<_, bool>("t:k").await.unwrap());
 
     let l2 = l.clone();
-    let joined = tokio::spawn(async move { l2.run("k", || async { panic!("inside the lock") }).await }).await;
+    let joined =
+        tokio::spawn(async move { l2.run("k", || async { panic!("inside the lock") }).await })
+            .await;
     assert!(joined.unwrap_err().is_panic());
     assert!(!conn.exists::<_, bool>("t:k").await.unwrap());
 
@@ -130,7 +155,10 @@ async fn run_extends_the_lease_while_the_closure_runs() {
     }
     let start = tokio::time::Instant::now();
     while start.elapsed() < Duration::from_millis(600) {
-        assert!(other.try_acquire("k").await.unwrap().is_none(), "lease lapsed while run() was working");
+        assert!(
+            other.try_acquire("k").await.unwrap().is_none(),
+            "lease lapsed while run() was working"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tx.send(()).unwrap();
@@ -151,8 +179,13 @@ async fn dropping_a_guard_releases_it_in_the_background() {
 #[tokio::test]
 async fn redis_down_is_a_backend_error_not_a_hang() {
     let mut server = RedisServer::start();
-    let l = RedisLock::builder(server.client()).timeout(Duration::from_millis(200)).build();
+    let l = RedisLock::builder(server.client())
+        .timeout(Duration::from_millis(200))
+        .build();
     l.acquire("k").await.unwrap().release().await.unwrap();
     server.kill();
-    assert!(matches!(l.try_acquire("k").await, Err(LockError::Backend(_))));
+    assert!(matches!(
+        l.try_acquire("k").await,
+        Err(LockError::Backend(_))
+    ));
 }

@@ -698,11 +698,25 @@ async fn metrics_endpoint_counts_hits() {
 async fn grace_serves_stale_at_once_while_one_refresh_runs_across_proxies() {
     let redis = RedisServer::start();
     let upstream = Upstream::start(Duration::from_millis(200)).await;
-    let args = ["--redis", &redis.url(), "--redis-timeout", "2s", "--ttl", "300ms", "--grace", "1m"];
-    let proxies: Vec<_> = (0..3).map(|_| Proxy::start(&upstream.base(), &args)).collect();
+    let args = [
+        "--redis",
+        &redis.url(),
+        "--redis-timeout",
+        "2s",
+        "--ttl",
+        "300ms",
+        "--grace",
+        "1m",
+    ];
+    let proxies: Vec<_> = (0..3)
+        .map(|_| Proxy::start(&upstream.base(), &args))
+        .collect();
     let client = client();
 
-    assert_eq!(get(&client, &proxies[0].url("/swr")).await.text(), "/swr #1");
+    assert_eq!(
+        get(&client, &proxies[0].url("/swr")).await.text(),
+        "/swr #1"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Past the TTL: every proxy answers from the stale copy without waiting on the upstream.
     for round in 0..3 {

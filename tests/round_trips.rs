@@ -34,7 +34,10 @@ impl Monitor {
                 sink.lock().unwrap().push(line);
             }
         });
-        Monitor { lines, port: server.port() }
+        Monitor {
+            lines,
+            port: server.port(),
+        }
     }
 
     /// Sends a marker through MONITOR and waits for it: every command sent before it has
@@ -42,7 +45,8 @@ impl Monitor {
     fn mark(&self, name: &str) -> Vec<String> {
         let marker = format!("mark-{name}");
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.write_all(format!("ECHO {marker}\r\n").as_bytes()).unwrap();
+        s.write_all(format!("ECHO {marker}\r\n").as_bytes())
+            .unwrap();
         let mut reply = String::new();
         BufReader::new(&s).read_line(&mut reply).unwrap();
         loop {
@@ -89,8 +93,12 @@ async fn round_trips_per_request_kind() {
     svc_b.clone().oneshot(get("/warm2")).await.unwrap();
     let mut conn = server.conn().await;
     loop {
-        let (_, subscribers): (String, u64) =
-            redis::cmd("PUBSUB").arg("NUMSUB").arg("stampede:ready").query_async(&mut conn).await.unwrap();
+        let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("stampede:ready")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         if subscribers == 2 {
             break;
         }
@@ -116,16 +124,18 @@ async fn round_trips_per_request_kind() {
     let started = Arc::new(tokio::sync::Notify::new());
     let slow = {
         let (gate, started) = (gate.clone(), started.clone());
-        tower::service_fn(move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
-            let (gate, started) = (gate.clone(), started.clone());
-            async move {
-                started.notify_one();
-                let _p = gate.acquire().await.unwrap();
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-                    "slow value",
-                ))))
-            }
-        })
+        tower::service_fn(
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let (gate, started) = (gate.clone(), started.clone());
+                async move {
+                    started.notify_one();
+                    let _p = gate.acquire().await.unwrap();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from("slow value")),
+                    ))
+                }
+            },
+        )
     };
     let leader = tokio::spawn(a.layer(slow.clone()).oneshot(get("/slow")));
     started.notified().await;
@@ -138,7 +148,11 @@ async fn round_trips_per_request_kind() {
     gate.add_permits(1);
     let leader_res = leader.await.unwrap().unwrap();
     let waiter_res = waiter.await.unwrap().unwrap();
-    assert!(cache_status(&waiter_res).contains("collapsed; detail=fleet"), "{}", cache_status(&waiter_res));
+    assert!(
+        cache_status(&waiter_res).contains("collapsed; detail=fleet"),
+        "{}",
+        cache_status(&waiter_res)
+    );
     assert_eq!(text(leader_res).await, "slow value");
     assert_eq!(text(waiter_res).await, "slow value");
     let waiter_and_leader = monitor.mark("waiter");
@@ -148,8 +162,15 @@ async fn round_trips_per_request_kind() {
     println!("|---|---|---|");
     println!("| L1 hit | {} | {} |", l1_hit.len(), summary(&l1_hit));
     println!("| L2 hit | {} | {} |", l2_hit.len(), summary(&l2_hit));
-    println!("| leader miss | {} | {} |", leader_miss.len(), summary(&leader_miss));
-    println!("| waiter on another node | {by_waiter} + the wake-up | {} |", summary(&waiter_and_leader));
+    println!(
+        "| leader miss | {} | {} |",
+        leader_miss.len(),
+        summary(&leader_miss)
+    );
+    println!(
+        "| waiter on another node | {by_waiter} + the wake-up | {} |",
+        summary(&waiter_and_leader)
+    );
 
     assert_eq!(l1_hit.len(), 0, "{l1_hit:?}");
     assert_eq!(l2_hit.len(), 1, "{l2_hit:?}");

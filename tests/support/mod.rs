@@ -40,14 +40,21 @@ impl RedisServer {
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create redis dir");
-        let mut server = RedisServer { child: None, port: 0, dir };
+        let mut server = RedisServer {
+            child: None,
+            port: 0,
+            dir,
+        };
         for _ in 0..5 {
             server.port = free_port();
             if server.spawn() {
                 return server;
             }
         }
-        panic!("redis-server did not start after 5 ports; log:\n{}", server.log());
+        panic!(
+            "redis-server did not start after 5 ports; log:\n{}",
+            server.log()
+        );
     }
 
     /// Spawns on `self.port`; false when the port was lost to another process.
@@ -90,7 +97,10 @@ impl RedisServer {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("redis-server did not answer PING within 10 s; log:\n{}", self.log());
+                panic!(
+                    "redis-server did not answer PING within 10 s; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -114,7 +124,10 @@ impl RedisServer {
 
     /// A plain async connection for assertions.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        self.client().get_multiplexed_async_connection().await.unwrap()
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
     }
 
     /// Kills the server (SIGKILL) and waits for it to go.
@@ -128,12 +141,19 @@ impl RedisServer {
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        assert!(self.spawn(), "port {} was taken while redis was down", self.port);
+        assert!(
+            self.spawn(),
+            "port {} was taken while redis was down",
+            self.port
+        );
     }
 
     fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("server running").id();
-        let ok = Command::new("kill").args([sig, &pid.to_string()]).status().map(|s| s.success());
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .map(|s| s.success());
         assert_eq!(ok.ok(), Some(true), "kill {sig} {pid}");
     }
 
@@ -151,7 +171,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -159,7 +181,9 @@ impl Drop for RedisServer {
 }
 
 fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     if s.write_all(b"PING\r\n").is_err() {
         return false;
@@ -178,7 +202,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(delay: Duration) -> Self {
-        Upstream { calls: Arc::default(), delay }
+        Upstream {
+            calls: Arc::default(),
+            delay,
+        }
     }
 
     pub fn calls(&self) -> usize {
@@ -204,7 +231,10 @@ impl Upstream {
                 if !this.delay.is_zero() {
                     tokio::time::sleep(this.delay).await;
                 }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path())))))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                    "{} #{n}",
+                    req.uri().path()
+                )))))
             }
         })
     }
@@ -212,7 +242,9 @@ impl Upstream {
 
 /// A GET request for `path` on `http://test`.
 pub fn get(path: &str) -> Request<Full<Bytes>> {
-    Request::get(format!("http://test{path}")).body(Full::default()).unwrap()
+    Request::get(format!("http://test{path}"))
+        .body(Full::default())
+        .unwrap()
 }
 
 /// Collects a response's body as a string.
