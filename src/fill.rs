@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::StampedeBody;
+use crate::bounds::{HttpBody, Inner};
 use crate::envelope::{now_ms, Entry, Kind};
 use crate::key::Key;
 use crate::layer::Shared;
@@ -102,12 +103,9 @@ pub(crate) async fn fill<S, ReqB, B>(
     mut fallback: Option<Arc<Entry>>,
 ) -> Filled<B, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
-    S::Future: Send,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, B>,
     ReqB: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: HttpBody + Send + 'static,
 {
     let token = new_token();
     let contend = match &shared.redis {
@@ -196,12 +194,9 @@ pub(crate) fn spawn_refresh<S, ReqB, B>(
     svc: S,
     current: Arc<Entry>,
 ) where
-    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
-    S::Future: Send,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, B>,
     ReqB: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: HttpBody + Send + 'static,
 {
     if shared.refreshing.contains_key(&key.hash) {
         return;
@@ -235,8 +230,7 @@ async fn refresh<S, ReqB, B>(
 ) -> bool
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: HttpBody,
 {
     let token = new_token();
     let held = match &shared.redis {
@@ -328,8 +322,7 @@ async fn lead<S, ReqB, B>(
 ) -> (Led<B, S::Error>, bool, u32)
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: HttpBody,
 {
     shared.counters.incr(Event::upstream_calls);
     // The entry answers GET and HEAD alike: fill it with the whole answer.
@@ -543,8 +536,7 @@ async fn call_inner<S, ReqB, B>(
 ) -> Led<B, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: HttpBody,
 {
     let res = match svc.call(req).await {
         Ok(res) => res,

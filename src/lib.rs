@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod body;
+mod bounds;
 mod conn;
 mod envelope;
 mod fill;

@@ -12,6 +12,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::StampedeBody;
+use crate::bounds::{HttpBody, Inner};
 use crate::envelope::{now_ms, Entry};
 use crate::fill::{fill, spawn_refresh, Filled};
 use crate::future::ResponseFuture;
@@ -144,12 +145,9 @@ async fn handle<S, ReqB, B>(
     req: Request<ReqB>,
 ) -> Result<Response<StampedeBody<B>>, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
-    S::Future: Send,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, B>,
     ReqB: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: HttpBody + Send + 'static,
 {
     let (mut parts, body) = req.into_parts();
     let key = match shared.key_for(&mut parts) {
@@ -219,12 +217,9 @@ async fn miss<S, ReqB, B>(
     if_none_match: Option<HeaderValue>,
 ) -> Result<Response<StampedeBody<B>>, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<B>> + Send + 'static,
-    S::Future: Send,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, B>,
     ReqB: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: HttpBody + Send + 'static,
 {
     let ask = Ask {
         head,
