@@ -27,28 +27,26 @@
 //!
 //! The client speaks HTTP/2 (prior knowledge) to the upstream, so thousands of concurrent
 //! requests share one connection instead of needing thousands of sockets.
+//!
+//! The Redis tier, the server and client plumbing and the release of a stampede are shared
+//! with the `rate_limited_api` example, in `examples/common/mod.rs`.
 
-use std::convert::Infallible;
+mod common;
+
 use std::error::Error;
 use std::fmt;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{client_service, http_client, run_id, spawn_released_together, SharedTier};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::sync::Barrier;
 use tower::{Layer, Service, ServiceExt};
-use tower_stampede::{Backend, StampedeLayer, Stats};
+use tower_stampede::{StampedeLayer, Stats};
 
 /// Nodes in the simulated fleet.
 const NODES: usize = 3;
@@ -64,16 +62,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Redis first, outside the runtime: the guard must outlive it, so that the server we
     // may have started is killed only after every connection to it is gone.
     let tier = SharedTier::from_env();
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = run(&tier) => result,
-            _ = tokio::signal::ctrl_c() => {
-                println!("interrupted");
-                Ok(())
-            }
-        }
-    })
+    common::block_on_until_ctrl_c(run(&tier))
 }
 
 async fn run(tier: &SharedTier) -> Result<(), Box<dyn Error>> {
@@ -170,15 +159,6 @@ impl Scenario {
     }
 }
 
-/// A new prefix per run, so a shared `REDIS_URL` never answers from an earlier run.
-fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{}-{nanos}", std::process::id())
-}
-
 /// How the with-layer requests were answered, summed over the nodes.
 fn print_answered_by(layers: &[StampedeLayer]) {
     let sum = |f: fn(&Stats) -> u64| layers.iter().map(|l| f(&l.stats())).sum::<u64>();
@@ -242,14 +222,10 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let start = Arc::new(Barrier::new(total + 1));
-    let mut tasks = Vec::with_capacity(total);
-    for i in 0..total {
+    let tasks = spawn_released_together(total, |i| {
         let svc = services[i % services.len()].clone();
         let req = upstream.request(&paths[i % paths.len()]);
-        let start = start.clone();
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
+        async move {
             let started = Instant::now();
             let ok = match svc.oneshot(req).await {
                 Ok(res) if res.status() == StatusCode::OK => {
@@ -258,9 +234,9 @@ where
                 _ => false,
             };
             (started.elapsed(), ok)
-        }));
-    }
-    start.wait().await;
+        }
+    })
+    .await;
     let mut fired = Fired {
         latencies: Vec::with_capacity(total),
         errors: 0,
@@ -278,7 +254,7 @@ where
 }
 
 // ---------------------------------------------------------------------------------------
-// The upstream and the client.
+// The upstream.
 
 /// A slow HTTP server that counts its calls and answers `"<path> #<n>"`.
 struct Upstream {
@@ -288,37 +264,17 @@ struct Upstream {
 
 impl Upstream {
     async fn start(delay: Duration) -> std::io::Result<Upstream> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let calls = Arc::new(AtomicUsize::new(0));
-        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        server.http2().max_concurrent_streams(100_000);
         let counter = calls.clone();
-        tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        eprintln!("upstream: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let calls = counter.clone();
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-                        async move {
-                            tokio::time::sleep(delay).await;
-                            let body = format!("{} #{n}", req.uri().path());
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                        }
-                    });
-                    let _ = server.serve_connection(TokioIo::new(stream), handler).await;
-                });
+        let addr = common::serve("upstream", move |req: Request<Incoming>| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                tokio::time::sleep(delay).await;
+                let body = format!("{} #{n}", req.uri().path());
+                Response::new(Full::new(Bytes::from(body)))
             }
-        });
+        })
+        .await?;
         Ok(Upstream { addr, calls })
     }
 
@@ -327,159 +283,6 @@ impl Upstream {
     }
 
     fn request(&self, path: &str) -> Request<Full<Bytes>> {
-        Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::default())
-            .expect("a valid request")
+        common::get(self.addr, path)
     }
-}
-
-/// An HTTP/2 client: one multiplexed connection per host, however many requests.
-fn http_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .pool_max_idle_per_host(usize::MAX)
-        .build_http()
-}
-
-/// The client as a tower service: the inner service every node wraps.
-fn client_service(
-    client: Client<HttpConnector, Full<Bytes>>,
-) -> impl Service<
-    Request<Full<Bytes>>,
-    Response = Response<Incoming>,
-    Error = legacy::Error,
-    Future = legacy::ResponseFuture,
-> + Clone
-       + Send
-       + 'static {
-    tower::service_fn(move |req: Request<Full<Bytes>>| client.request(req))
-}
-
-// ---------------------------------------------------------------------------------------
-// Redis: REDIS_URL, else a redis-server of our own, else none.
-
-/// The shared tier of the fleet.
-struct SharedTier {
-    url: Option<String>,
-    description: String,
-    /// Killed on drop.
-    _server: Option<RedisServer>,
-}
-
-impl SharedTier {
-    fn from_env() -> SharedTier {
-        if let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
-            return SharedTier {
-                description: format!("{url} (REDIS_URL)"),
-                url: Some(url),
-                _server: None,
-            };
-        }
-        match RedisServer::start() {
-            Ok(server) => SharedTier {
-                url: Some(server.url()),
-                description: format!("{} (a redis-server started for this run)", server.url()),
-                _server: Some(server),
-            },
-            Err(why) => SharedTier {
-                url: None,
-                description: format!("none ({why}); every node uses the local backend"),
-                _server: None,
-            },
-        }
-    }
-
-    /// Fails early, and clearly, when the Redis we were given does not answer.
-    async fn check(&self) -> Result<(), Box<dyn Error>> {
-        let Some(url) = &self.url else { return Ok(()) };
-        let unreachable = |e: redis::RedisError| format!("redis at {url} does not answer: {e}");
-        let client = redis::Client::open(url.as_str()).map_err(unreachable)?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(unreachable)?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(unreachable)?;
-        Ok(())
-    }
-
-    /// The backend for a new node: each call gives the node its own Redis connections.
-    fn backend(&self) -> Result<Backend, redis::RedisError> {
-        match &self.url {
-            Some(url) => Backend::redis(url.as_str()),
-            None => Ok(Backend::local()),
-        }
-    }
-}
-
-/// A `redis-server` on a free loopback port, with persistence off; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    /// Starts one from `PATH`, trying another port if one is lost to a race.
-    fn start() -> Result<RedisServer, String> {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| format!("no free port: {e}"))?
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match child {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err("REDIS_URL is not set and redis-server is not on PATH".into())
-                }
-                Err(e) => return Err(format!("could not run redis-server: {e}")),
-            };
-            let mut server = RedisServer { child, port };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // exited: most likely the port was taken meanwhile; try another
-                }
-                if ping(port) {
-                    return Ok(server);
-                }
-                if Instant::now() > deadline {
-                    return Err("redis-server did not answer PING within 5 s".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Err("redis-server exited at start 5 times".into())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// True when a Redis server on `port` answers `PING`.
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
 }

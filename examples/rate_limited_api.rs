@@ -27,29 +27,29 @@
 //! straight through (they could be one user's private answer);
 //! [`PrivateRequests::Shared`] tells it the credential is the same for every caller, so
 //! one answer may serve them all.
+//!
+//! The Redis tier, the server and client plumbing and the release of the lookups are
+//! shared with the `demo` example, in `examples/common/mod.rs`.
+
+mod common;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::error::Error;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{client_service, http_client, run_id, spawn_released_together, SharedTier};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
-use tokio::sync::Barrier;
+use hyper_util::client::legacy::Client;
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_stampede::{Backend, PrivateRequests, StampedeLayer};
+use tower_stampede::{PrivateRequests, StampedeLayer};
 
 /// Calls the API allows in any one second.
 const RATE_LIMIT: usize = 20;
@@ -70,16 +70,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     // Redis first, outside the runtime: the guard must outlive it, so that the server we
     // may have started is killed only after every connection to it is gone.
     let tier = SharedTier::from_env();
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        tokio::select! {
-            result = run(&tier) => result,
-            _ = tokio::signal::ctrl_c() => {
-                println!("interrupted");
-                Ok(())
-            }
-        }
-    })
+    common::block_on_until_ctrl_c(run(&tier))
 }
 
 async fn run(tier: &SharedTier) -> Result<(), Box<dyn Error>> {
@@ -185,15 +176,6 @@ fn with_token(mut req: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
     req
 }
 
-/// A new prefix per run, so a shared `REDIS_URL` never answers from an earlier run.
-fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{}-{nanos}", std::process::id())
-}
-
 // ---------------------------------------------------------------------------------------
 // The lookups.
 
@@ -217,21 +199,17 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let start = Arc::new(Barrier::new(LOOKUPS + 1));
-    let mut tasks = Vec::with_capacity(LOOKUPS);
-    for i in 0..LOOKUPS {
+    let tasks = spawn_released_together(LOOKUPS, |i| {
         let node = nodes[i % nodes.len()].clone();
         let req = api.request(&format!("/users/{}", i % USERS + 1));
-        let start = start.clone();
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
+        async move {
             let res = node.oneshot(req).await.ok()?;
             let status = res.status();
             res.into_body().collect().await.ok()?;
             Some(status)
-        }));
-    }
-    start.wait().await;
+        }
+    })
+    .await;
     let started = Instant::now();
     let mut out = Outcomes::default();
     for task in tasks {
@@ -264,32 +242,13 @@ struct ApiState {
 
 impl Api {
     async fn start() -> std::io::Result<Api> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(ApiState::default());
-        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        server.http2().max_concurrent_streams(100_000);
         let shared = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        eprintln!("api: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let (state, server) = (shared.clone(), server.clone());
-                tokio::spawn(async move {
-                    let handler = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.handle(req).await) }
-                    });
-                    let _ = server.serve_connection(TokioIo::new(stream), handler).await;
-                });
-            }
-        });
+        let addr = common::serve("api", move |req: Request<Incoming>| {
+            let state = shared.clone();
+            async move { state.handle(req).await }
+        })
+        .await?;
         Ok(Api { addr, state })
     }
 
@@ -298,9 +257,7 @@ impl Api {
     }
 
     fn request(&self, path: &str) -> Request<Full<Bytes>> {
-        Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::default())
-            .expect("a valid request")
+        common::get(self.addr, path)
     }
 }
 
@@ -365,28 +322,6 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> 
     res
 }
 
-/// An HTTP/2 client: one multiplexed connection per host, however many requests.
-fn http_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .pool_max_idle_per_host(usize::MAX)
-        .build_http()
-}
-
-/// The client as a tower service.
-fn client_service(
-    client: Client<HttpConnector, Full<Bytes>>,
-) -> impl Service<
-    Request<Full<Bytes>>,
-    Response = Response<Incoming>,
-    Error = legacy::Error,
-    Future = legacy::ResponseFuture,
-> + Clone
-       + Send
-       + 'static {
-    tower::service_fn(move |req: Request<Full<Bytes>>| client.request(req))
-}
-
 /// Opens the client's connection to the API (on a free route) before anything is timed.
 async fn warm_up(
     client: &Client<HttpConnector, Full<Bytes>>,
@@ -395,132 +330,4 @@ async fn warm_up(
     let res = client.request(api.request("/health")).await?;
     res.into_body().collect().await?;
     Ok(())
-}
-
-// Redis: REDIS_URL, else a redis-server of our own, else none.
-
-/// The shared tier of the fleet.
-struct SharedTier {
-    url: Option<String>,
-    description: String,
-    /// Killed on drop.
-    _server: Option<RedisServer>,
-}
-
-impl SharedTier {
-    fn from_env() -> SharedTier {
-        if let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
-            return SharedTier {
-                description: format!("{url} (REDIS_URL)"),
-                url: Some(url),
-                _server: None,
-            };
-        }
-        match RedisServer::start() {
-            Ok(server) => SharedTier {
-                url: Some(server.url()),
-                description: format!("{} (a redis-server started for this run)", server.url()),
-                _server: Some(server),
-            },
-            Err(why) => SharedTier {
-                url: None,
-                description: format!("none ({why}); every node uses the local backend"),
-                _server: None,
-            },
-        }
-    }
-
-    /// Fails early, and clearly, when the Redis we were given does not answer.
-    async fn check(&self) -> Result<(), Box<dyn Error>> {
-        let Some(url) = &self.url else { return Ok(()) };
-        let unreachable = |e: redis::RedisError| format!("redis at {url} does not answer: {e}");
-        let client = redis::Client::open(url.as_str()).map_err(unreachable)?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(unreachable)?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map_err(unreachable)?;
-        Ok(())
-    }
-
-    /// The backend for a new node: each call gives the node its own Redis connections.
-    fn backend(&self) -> Result<Backend, redis::RedisError> {
-        match &self.url {
-            Some(url) => Backend::redis(url.as_str()),
-            None => Ok(Backend::local()),
-        }
-    }
-}
-
-/// A `redis-server` on a free loopback port, with persistence off; killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    /// Starts one from `PATH`, trying another port if one is lost to a race.
-    fn start() -> Result<RedisServer, String> {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| format!("no free port: {e}"))?
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match child {
-                Ok(child) => child,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err("REDIS_URL is not set and redis-server is not on PATH".into())
-                }
-                Err(e) => return Err(format!("could not run redis-server: {e}")),
-            };
-            let mut server = RedisServer { child, port };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // exited: most likely the port was taken meanwhile; try another
-                }
-                if ping(port) {
-                    return Ok(server);
-                }
-                if Instant::now() > deadline {
-                    return Err("redis-server did not answer PING within 5 s".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Err("redis-server exited at start 5 times".into())
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// True when a Redis server on `port` answers `PING`.
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
 }

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_service::Service;
 
@@ -95,14 +96,29 @@ fn usable(fallback: Option<Arc<Entry>>) -> Option<Arc<Entry>> {
     fallback.filter(|f| f.is_usable_at(now_ms()))
 }
 
+/// Hands the fill's result to the request that started it. The entry goes into L1 here
+/// only when that request has gone away: otherwise moka's flight inserts it.
+async fn hand<B, E>(
+    shared: &Shared,
+    key: &Key,
+    reply: oneshot::Sender<Filled<B, E>>,
+    filled: Filled<B, E>,
+) {
+    if let Err(Filled::Entry(entry, _)) = reply.send(filled) {
+        shared.l1.insert(key.hash, entry).await;
+    }
+}
+
+/// The fill of one key: its result goes to `reply` as soon as it is known, and the Redis
+/// write (store, release, wake-up) follows, off the answer's path.
 pub(crate) async fn fill<S, ReqB, B>(
     shared: Arc<Shared>,
     key: Arc<Key>,
     req: Request<ReqB>,
     svc: S,
     mut fallback: Option<Arc<Entry>>,
-) -> Filled<B, S::Error>
-where
+    reply: oneshot::Sender<Filled<B, S::Error>>,
+) where
     S: Inner<ReqB, B>,
     ReqB: Send + 'static,
     B: HttpBody + Send + 'static,
@@ -114,22 +130,22 @@ where
     };
     let held = match contend {
         Contend::Found(entry, outcome) => {
-            shared.l1.insert(key.hash, entry.clone()).await;
-            return Filled::Entry(entry, outcome);
+            return hand(&shared, &key, reply, Filled::Entry(entry, outcome)).await
         }
         Contend::Stale(entry) => {
-            shared.l1.insert(key.hash, entry.clone()).await;
-            spawn_refresh(&shared, key, req, svc, entry.clone());
-            return Filled::Entry(entry, Outcome::Stale);
+            spawn_refresh(&shared, key.clone(), req, svc, entry.clone());
+            return hand(&shared, &key, reply, Filled::Entry(entry, Outcome::Stale)).await;
         }
         Contend::Pass => {
             shared.mark_pass(key.hash).await;
             shared.counters.incr(Event::hit_for_pass);
             let mut svc = svc;
             let res = svc.call(req).await.map(|r| r.map(StampedeBody::stream));
-            return Filled::Pass(res, Outcome::HitForPass);
+            return hand(&shared, &key, reply, Filled::Pass(res, Outcome::HitForPass)).await;
         }
-        Contend::Refuse(outcome) => return Filled::Refused(outcome),
+        Contend::Refuse(outcome) => {
+            return hand(&shared, &key, reply, Filled::Refused(outcome)).await
+        }
         Contend::Lead(held) => held,
     };
 
@@ -137,29 +153,48 @@ where
     if led.is_server_error() {
         shared.counters.incr(Event::upstream_failures);
         if let Some(stale) = usable(fallback.clone()) {
-            finish(&shared, &key, &token, held, lost, None).await;
-            return Filled::Entry(stale, Outcome::StaleIfError);
+            hand(
+                &shared,
+                &key,
+                reply,
+                Filled::Entry(stale, Outcome::StaleIfError),
+            )
+            .await;
+            return finish(&shared, &key, &token, held, lost, None).await;
         }
     }
     match led {
         Led::Cacheable { head, body, fresh } => {
-            let entry = store(
-                &shared, &key, &token, held, lost, head, body, fresh, fill_ms,
+            let entry = entry_of(&shared, &key, head, body, fresh, fill_ms);
+            hand(
+                &shared,
+                &key,
+                reply,
+                Filled::Entry(entry.clone(), Outcome::Stored),
             )
             .await;
-            Filled::Entry(entry, Outcome::Stored)
+            let ttl = entry.time_to_live(now_ms());
+            finish(&shared, &key, &token, held, lost, Some((&entry, ttl))).await;
         }
         Led::Uncacheable(res, reason) => {
-            tracing::debug!(key = %key.hex, reason, "answer not stored; hit-for-pass");
+            tracing::debug!(key = %key.short(), reason, "answer not stored; hit-for-pass");
             shared.counters.incr(Event::uncacheable);
             shared.mark_pass(key.hash).await;
+            let status = res.status();
+            hand(
+                &shared,
+                &key,
+                reply,
+                Filled::Pass(Ok(res), Outcome::Uncacheable),
+            )
+            .await;
             let marker = (!shared.cfg.hit_for_pass.is_zero()).then(|| {
                 let now = now_ms();
                 let until = now + shared.cfg.hit_for_pass.as_millis() as u64;
                 Entry {
                     kind: Kind::Pass,
                     key: key.canonical.clone(),
-                    status: res.status(),
+                    status,
                     headers: Default::default(),
                     body: Bytes::new(),
                     stored_at: now,
@@ -171,15 +206,16 @@ where
             });
             let marker = marker.as_ref().map(|m| (m, shared.cfg.hit_for_pass));
             finish(&shared, &key, &token, held, lost, marker).await;
-            Filled::Pass(Ok(res), Outcome::Uncacheable)
         }
         Led::Failed(err) => {
             shared.counters.incr(Event::upstream_failures);
+            // Release first: the waiters that take over must find the lock free.
             finish(&shared, &key, &token, held, lost, None).await;
-            match usable(fallback) {
+            let filled = match usable(fallback) {
                 Some(stale) => Filled::Entry(stale, Outcome::StaleIfError),
                 None => Filled::Failed(err),
-            }
+            };
+            hand(&shared, &key, reply, filled).await;
         }
     }
 }
@@ -264,7 +300,7 @@ where
                     Ok(Check::Held(_)) => return false,
                     Err(e) => {
                         shared.counters.incr(Event::redis_errors);
-                        tracing::debug!(key = %key.hex, error = %e, "redis unavailable for a refresh");
+                        tracing::debug!(key = %key.short(), error = %e, "redis unavailable for a refresh");
                         match shared.cfg.on_redis_error {
                             FailurePolicy::Open => break Held::Nothing { store: false },
                             FailurePolicy::Closed => return false,
@@ -291,12 +327,15 @@ where
     }
     match led {
         Led::Cacheable { head, body, fresh } => {
-            store(shared, key, &token, held, lost, head, body, fresh, fill_ms).await;
+            let entry = entry_of(shared, key, head, body, fresh, fill_ms);
+            shared.l1.insert(key.hash, entry.clone()).await;
+            let ttl = entry.time_to_live(now_ms());
+            finish(shared, key, &token, held, lost, Some((&entry, ttl))).await;
             true
         }
         Led::Uncacheable(res, reason) if !res.status().is_server_error() => {
             // The resource became uncacheable: drop the copy; the next request learns why.
-            tracing::debug!(key = %key.hex, reason, "refresh answer not storable; dropping the copy");
+            tracing::debug!(key = %key.short(), reason, "refresh answer not storable; dropping the copy");
             finish(shared, key, &token, held, lost, None).await;
             shared.l1.invalidate(&key.hash).await;
             true
@@ -343,15 +382,12 @@ where
     (led, lost, fill_ms)
 }
 
-/// Builds the entry of a storable answer, puts it in L1, stores it in Redis with the
-/// release and the wake-up.
-#[allow(clippy::too_many_arguments)]
-async fn store(
+/// Builds the entry of a storable answer in allocations of its own: header values cut
+/// from the connection's read buffer would otherwise pin that whole buffer (8 KiB or more)
+/// for as long as the entry lives.
+fn entry_of(
     shared: &Shared,
     key: &Key,
-    token: &str,
-    held: Held,
-    lost: bool,
     head: http::response::Parts,
     body: Bytes,
     fresh: Freshness,
@@ -359,23 +395,29 @@ async fn store(
 ) -> Arc<Entry> {
     let now = now_ms();
     let fresh_until = now + fresh.ttl.as_millis() as u64;
-    let entry = Arc::new(Entry {
+    let headers = head
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let mut compact =
+                http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            compact.set_sensitive(value.is_sensitive());
+            (name.clone(), compact)
+        })
+        .collect();
+    shared.counters.incr(Event::stored);
+    Arc::new(Entry {
         kind: Kind::Response,
         key: key.canonical.clone(),
         status: head.status,
-        headers: head.headers,
+        headers,
         body,
         stored_at: now,
         fresh_until,
         revalidate_until: fresh_until + fresh.grace.as_millis() as u64,
         stale_until: fresh_until + fresh.grace.max(fresh.stale_if_error).as_millis() as u64,
         fill_ms,
-    });
-    shared.l1.insert(key.hash, entry.clone()).await;
-    shared.counters.incr(Event::stored);
-    let ttl = entry.time_to_live(now);
-    finish(shared, key, token, held, lost, Some((&entry, ttl))).await;
-    entry
+    })
 }
 
 /// Waits for the key in Redis: a value, the lock, or a policy decision.
@@ -437,7 +479,7 @@ async fn contend_redis(
             }
             Err(e) => {
                 shared.counters.incr(Event::redis_errors);
-                tracing::debug!(key = %key.hex, error = %e, "redis unavailable for the fill");
+                tracing::debug!(key = %key.short(), error = %e, "redis unavailable for the fill");
                 return match cfg.on_redis_error {
                     FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
                     FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
@@ -458,7 +500,7 @@ fn judge(
     let entry = match Entry::decode(bytes, &key.canonical) {
         Ok(entry) => entry,
         Err(e) => {
-            tracing::debug!(key = %key.hex, error = %e, "unusable bytes in redis; treating as a miss");
+            tracing::debug!(key = %key.short(), error = %e, "unusable bytes in redis; treating as a miss");
             return None;
         }
     };
@@ -590,9 +632,11 @@ where
     }
     let body = match frames.len() {
         0 => Bytes::new(),
+        // One frame is a slice of the connection's read buffer: copy it out.
         1 => frames
             .pop_front()
             .and_then(|f| f.into_data().ok())
+            .map(|d| Bytes::copy_from_slice(&d))
             .unwrap_or_default(),
         _ => {
             let mut buf = BytesMut::with_capacity(size);
@@ -628,13 +672,13 @@ async fn guarded<B, E>(
         tokio::select! {
             out = &mut call => {
                 let led = out.unwrap_or_else(|_| {
-                    tracing::error!(key = %key.hex, "inner service panicked during a fill");
+                    tracing::error!(key = %key.short(), "inner service panicked during a fill");
                     Led::Failed(None)
                 });
                 return (led, lost);
             }
             _ = &mut deadline => {
-                tracing::warn!(key = %key.hex, timeout = ?shared.cfg.upstream_timeout, "inner call timed out");
+                tracing::warn!(key = %key.short(), timeout = ?shared.cfg.upstream_timeout, "inner call timed out");
                 return (Led::Failed(None), lost);
             }
             _ = tick.tick(), if extending && !lost => {
@@ -652,7 +696,7 @@ async fn guarded<B, E>(
                 if !kept {
                     lost = true;
                     shared.counters.incr(Event::lock_lost);
-                    tracing::warn!(key = %key.hex, "lock lost while the inner call ran");
+                    tracing::warn!(key = %key.short(), "lock lost while the inner call ran");
                 }
             }
         }
@@ -677,12 +721,12 @@ async fn finish(
             match result {
                 Ok(false) if held == Held::Redis && !lost => {
                     shared.counters.incr(Event::lock_lost);
-                    tracing::warn!(key = %key.hex, "lock had expired when the fill finished");
+                    tracing::warn!(key = %key.short(), "lock had expired when the fill finished");
                 }
                 Ok(_) => {}
                 Err(e) => {
                     shared.counters.incr(Event::redis_errors);
-                    tracing::debug!(key = %key.hex, error = %e, "store/release failed; the lease will expire");
+                    tracing::debug!(key = %key.short(), error = %e, "store/release failed; the lease will expire");
                 }
             }
         }

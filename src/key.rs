@@ -45,7 +45,14 @@ pub fn default_key(parts: &Parts) -> String {
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    format!("{} {scheme}://{authority}{path}", parts.method)
+    let method = parts.method.as_str();
+    // Room for what `Key::new` appends, so the string is allocated once.
+    let mut key =
+        String::with_capacity(method.len() + scheme.len() + authority.len() + path.len() + 64);
+    for part in [method, " ", scheme, "://", authority, path] {
+        key.push_str(part);
+    }
+    key
 }
 
 /// A request's key: the canonical text (stored in the envelope and compared on read) and
@@ -54,10 +61,48 @@ pub fn default_key(parts: &Parts) -> String {
 pub(crate) struct Key {
     pub(crate) canonical: String,
     pub(crate) hash: [u8; 32],
-    pub(crate) hex: String,
     /// Cached per user: the credentials are part of the key.
     pub(crate) per_user: bool,
 }
+
+impl Key {
+    /// The hash in hex: the Redis hash tag and the wake-up message.
+    pub(crate) fn hex(&self) -> String {
+        hex(&self.hash)
+    }
+
+    /// The first 16 hex digits, formatted only if a log or span asks for them.
+    pub(crate) fn short(&self) -> impl std::fmt::Display + '_ {
+        struct Short<'a>(&'a [u8; 32]);
+        impl std::fmt::Display for Short<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&hex(&self.0[..8]))
+            }
+        }
+        Short(&self.hash)
+    }
+}
+
+/// A `Hasher` for key hashes, which are uniform already: their first eight bytes serve.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(head) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*head);
+        }
+    }
+
+    fn write_usize(&mut self, _length_prefix: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`Prehashed`] hashers.
+pub(crate) type PrehashedState = std::hash::BuildHasherDefault<Prehashed>;
 
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -79,6 +124,11 @@ impl Key {
         vary: &[HeaderName],
         per_user: bool,
     ) -> Key {
+        // Normalized before this (`br`, `gzip` or none): the encoding of the stored body.
+        if let Some(coding) = parts.headers.get(http::header::ACCEPT_ENCODING) {
+            canonical.push_str("\naccept-encoding:");
+            canonical.push_str(coding.to_str().unwrap_or(""));
+        }
         for name in vary {
             let _ = write!(canonical, "\n{name}:");
             for (i, v) in parts.headers.get_all(name).iter().enumerate() {
@@ -102,7 +152,6 @@ impl Key {
         }
         let hash: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
         Key {
-            hex: hex(&hash),
             canonical,
             hash,
             per_user,
@@ -154,7 +203,7 @@ mod tests {
             Key::new(default_key(&a), &a, &[], false).hash,
             Key::new(default_key(&b), &b, &[], false).hash
         );
-        assert_eq!(parse_hex(ka.hex.as_bytes()), Some(ka.hash));
+        assert_eq!(parse_hex(ka.hex().as_bytes()), Some(ka.hash));
         assert_eq!(parse_hex(b"zz"), None);
 
         let u1 = parts(

@@ -14,8 +14,8 @@ use tower_layer::Layer;
 
 use crate::conn::{Breaker, RedisConn};
 use crate::envelope::{now_ms, Entry};
-use crate::key::{default_key, Key, KeyFn};
-use crate::policy::{FailurePolicy, HttpRules, PrivateRequests};
+use crate::key::{default_key, Key, KeyFn, PrehashedState};
+use crate::policy::{normalize_accept_encoding, FailurePolicy, HttpRules, PrivateRequests};
 use crate::service::Stampede;
 use crate::stats::{Counters, Stats};
 use crate::status::{Outcome, StatusValues};
@@ -71,11 +71,11 @@ pub(crate) struct Shared {
     pub(crate) status_values: StatusValues,
     pub(crate) rules: HttpRules,
     key_fn: Option<KeyFn>,
-    pub(crate) l1: Cache<[u8; 32], Arc<Entry>>,
-    pub(crate) passes: Option<Cache<[u8; 32], ()>>,
+    pub(crate) l1: Cache<[u8; 32], Arc<Entry>, PrehashedState>,
+    pub(crate) passes: Option<Cache<[u8; 32], (), PrehashedState>>,
     /// Keys this process is refreshing in the background (or just failed to refresh: the
     /// marker then expires on its own, a backoff before the next try).
-    pub(crate) refreshing: Cache<[u8; 32], ()>,
+    pub(crate) refreshing: Cache<[u8; 32], (), PrehashedState>,
     pub(crate) redis: Option<RedisStore>,
     pub(crate) local_locks: LocalLocks,
     pub(crate) wakers: Arc<Wakers>,
@@ -91,6 +91,7 @@ impl Shared {
     /// answers both.
     pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<Key, Outcome> {
         let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
+        normalize_accept_encoding(&mut parts.headers);
         if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
             parts.method = http::Method::GET;
             let key = self.key_for_checked(parts, per_user);
@@ -495,17 +496,17 @@ impl StampedeBuilder {
             .max_capacity(self.l1_capacity)
             .weigher(|_: &[u8; 32], v: &Arc<Entry>| v.weight())
             .expire_after(EntryExpiry)
-            .build();
+            .build_with_hasher(PrehashedState::default());
         let passes = (!self.cfg.hit_for_pass.is_zero()).then(|| {
             Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(self.cfg.hit_for_pass)
-                .build()
+                .build_with_hasher(PrehashedState::default())
         });
         let refreshing = Cache::builder()
             .max_capacity(100_000)
             .time_to_live(Duration::from_secs(1).max(self.cfg.poll_interval))
-            .build();
+            .build_with_hasher(PrehashedState::default());
         let redis = match self.backend.0 {
             BackendKind::Local => None,
             BackendKind::Redis(client) => Some(RedisStore::new(

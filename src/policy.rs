@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH,
-    IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
 };
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
@@ -157,6 +157,7 @@ impl HttpRules {
                     .vary
                     .iter()
                     .any(|v| v.as_str().eq_ignore_ascii_case(name))
+                    || name.eq_ignore_ascii_case(ACCEPT_ENCODING.as_str())
                     || (per_user
                         && (name.eq_ignore_ascii_case(AUTHORIZATION.as_str())
                             || name.eq_ignore_ascii_case(COOKIE.as_str())));
@@ -207,6 +208,36 @@ impl HttpRules {
             return Err("max-age");
         }
         Ok(fresh)
+    }
+}
+
+/// Reduces `Accept-Encoding` to the one coding the cache keys on, as Varnish does: `br`,
+/// else `gzip`, else none (identity). The request goes upstream with that value, so every
+/// request sharing the entry can decode it.
+pub(crate) fn normalize_accept_encoding(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(ACCEPT_ENCODING) else {
+        return;
+    };
+    let value = value.to_str().unwrap_or("");
+    let accepts = |coding: &str| {
+        value.split(',').any(|item| {
+            let mut params = item.split(';');
+            let name = params.next().unwrap_or("").trim();
+            let refused = params.any(|p| {
+                let p = p.trim();
+                p.len() >= 2
+                    && p[..2].eq_ignore_ascii_case("q=")
+                    && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+            });
+            (name.eq_ignore_ascii_case(coding) || name == "*") && !refused
+        })
+    };
+    if accepts("br") {
+        headers.insert(ACCEPT_ENCODING, http::HeaderValue::from_static("br"));
+    } else if accepts("gzip") {
+        headers.insert(ACCEPT_ENCODING, http::HeaderValue::from_static("gzip"));
+    } else {
+        headers.remove(ACCEPT_ENCODING);
     }
 }
 
@@ -395,6 +426,33 @@ mod tests {
             &HeaderValue::from_static("*"),
             &headers(&[("etag", "\"x\"")])
         ));
+    }
+
+    #[test]
+    fn accept_encoding_is_normalized() {
+        let norm = |v: &'static str| {
+            let mut h = headers(&[("accept-encoding", v)]);
+            normalize_accept_encoding(&mut h);
+            h.get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(norm("gzip, deflate, br").as_deref(), Some("br"));
+        assert_eq!(norm("gzip, deflate").as_deref(), Some("gzip"));
+        assert_eq!(norm("br;q=0, gzip;q=0.5").as_deref(), Some("gzip"));
+        assert_eq!(norm("GZIP").as_deref(), Some("gzip"));
+        assert_eq!(norm("identity"), None);
+        assert_eq!(norm("deflate, br;q=0.0"), None);
+        let mut none = headers(&[]);
+        normalize_accept_encoding(&mut none);
+        assert!(none.is_empty());
+        let rules = HttpRules::default();
+        assert!(rules
+            .check_response(
+                StatusCode::OK,
+                &headers(&[("vary", "Accept-Encoding")]),
+                false
+            )
+            .is_ok());
     }
 
     #[test]

@@ -163,7 +163,7 @@ where
             .await;
         }
     };
-    tracing::Span::current().record("key", &key.hex[..16]);
+    tracing::Span::current().record("key", tracing::field::display(key.short()));
     let head = parts.method == Method::HEAD;
     // What goes upstream does so for everyone: without this client's validators.
     let if_none_match = strip_conditionals(&mut parts.headers);
@@ -239,16 +239,17 @@ where
             .entry(key.hash)
             .or_try_insert_with(async {
                 let (req, svc) = request.take().expect("a request leads at most one flight");
-                let filled = tokio::spawn(fill(
+                let (reply, filled) = tokio::sync::oneshot::channel();
+                tokio::spawn(fill(
                     shared.clone(),
                     key.clone(),
                     req,
                     svc,
                     fallback.clone(),
-                ))
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "fill task failed");
+                    reply,
+                ));
+                let filled = filled.await.unwrap_or_else(|_| {
+                    tracing::error!("fill task ended without an answer");
                     Filled::Failed(None)
                 });
                 let (result, learned) = match filled {

@@ -54,11 +54,11 @@ impl RedisStore {
 
     /// `prefix:{hash}:v`: the hash tag keeps value and lock in one Cluster slot.
     pub(crate) fn value_key(&self, key: &Key) -> String {
-        format!("{}:{{{}}}:v", self.prefix, key.hex)
+        format!("{}:{{{}}}:v", self.prefix, key.hex())
     }
 
     pub(crate) fn lock_key(&self, key: &Key) -> String {
-        format!("{}:{{{}}}:lock", self.prefix, key.hex)
+        format!("{}:{{{}}}:lock", self.prefix, key.hex())
     }
 
     pub(crate) async fn check_and_lock(
@@ -112,7 +112,7 @@ impl RedisStore {
                     .arg(bytes)
                     .arg(millis(ttl))
                     .arg(&self.channel)
-                    .arg(&key.hex)
+                    .arg(key.hex())
                     .arg(if bytes.len() <= crate::wake::INLINE_MAX {
                         "1"
                     } else {
@@ -139,7 +139,7 @@ impl RedisStore {
                     .key(lk)
                     .arg(token)
                     .arg(&self.channel)
-                    .arg(&key.hex)
+                    .arg(key.hex())
                     .invoke_async(&mut c)
                     .await
             })

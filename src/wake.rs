@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, Notify};
 
-use crate::key::parse_hex;
+use crate::key::{parse_hex, PrehashedState};
 use crate::lock::jittered;
 
 /// The largest stored value carried inside its wake-up message, so that waiters on other
@@ -20,7 +20,7 @@ pub(crate) const INLINE_MAX: usize = 32 * 1024;
 /// The fills of this process that wait on some key, by key hash.
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
-    map: Mutex<HashMap<[u8; 32], Arc<Slot>>>,
+    map: Mutex<HashMap<[u8; 32], Arc<Slot>, PrehashedState>>,
 }
 
 #[derive(Debug, Default)]

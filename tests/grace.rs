@@ -3,73 +3,20 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use redis::AsyncCommands;
-use support::{cache_status, get, text, RedisServer};
+use support::{cache_status, get, stampede, text, RedisServer, Upstream};
 use tower::{Layer, ServiceExt};
 use tower_stampede::{Backend, StampedeBuilder, StampedeLayer, Stats};
 
-/// Counts calls; answers `"<path> #<n>"` after `delay`, or 500 while `failing`, or 404
-/// for paths under `/missing`.
-#[derive(Clone)]
-struct Origin {
-    calls: Arc<AtomicUsize>,
-    failing: Arc<AtomicBool>,
-    delay: Duration,
-}
-
-impl Origin {
-    fn new(delay: Duration) -> Self {
-        Origin {
-            calls: Arc::default(),
-            failing: Arc::default(),
-            delay,
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    fn fail(&self, on: bool) {
-        self.failing.store(on, Ordering::SeqCst);
-    }
-
-    fn service(
-        &self,
-    ) -> impl tower::Service<
-        Request<Full<Bytes>>,
-        Response = Response<Full<Bytes>>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-           + Send
-           + Sync
-           + 'static {
-        let this = self.clone();
-        tower::service_fn(move |req: Request<Full<Bytes>>| {
-            let this = this.clone();
-            async move {
-                let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::time::sleep(this.delay).await;
-                let mut res =
-                    Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path()))));
-                if this.failing.load(Ordering::SeqCst) {
-                    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                } else if req.uri().path().starts_with("/missing") {
-                    *res.status_mut() = StatusCode::NOT_FOUND;
-                }
-                Ok::<_, Infallible>(res)
-            }
-        })
-    }
+/// The origin of these tests: counts calls; answers `"<path> #<n>"` after `delay`, or 500
+/// while [`fail`](Upstream::fail)ing, or 404 for paths under `/missing`.
+fn new_origin(delay: Duration) -> Upstream {
+    Upstream::new(delay).not_found_under("/missing")
 }
 
 fn node(server: &RedisServer) -> StampedeBuilder {
@@ -95,60 +42,44 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-async fn fire<S>(services: &[S], path: &str, n: usize) -> Vec<(StatusCode, String, String)>
+/// Stores `path` through `svc` (asserting it is the origin's first answer), then lets its
+/// TTL pass.
+async fn store_then_expire<S, B>(svc: &S, path: &str, ttl: Duration)
 where
-    S: tower::Service<
-            Request<Full<Bytes>>,
-            Response = Response<tower_stampede::StampedeBody<Full<Bytes>>>,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    S::Error: std::fmt::Debug + Send,
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
 {
-    let barrier = Arc::new(tokio::sync::Barrier::new(n));
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let svc = services[i % services.len()].clone();
-            let (barrier, path) = (barrier.clone(), path.to_owned());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                let res = svc.oneshot(get(&path)).await.unwrap();
-                (res.status(), cache_status(&res), text(res).await)
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
+    assert_eq!(
+        text(svc.clone().oneshot(get(path)).await.unwrap()).await,
+        format!("{path} #1")
+    );
+    tokio::time::sleep(ttl).await;
+}
+
+/// `n` nodes on `server`, each built by `configure`.
+fn nodes(
+    server: &RedisServer,
+    n: usize,
+    configure: impl Fn(StampedeBuilder) -> StampedeBuilder,
+) -> Vec<StampedeLayer> {
+    (0..n).map(|_| configure(node(server)).build()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inside_the_grace_window_everyone_gets_the_stale_copy_while_one_refresh_runs() {
     let server = RedisServer::start();
-    let origin = Origin::new(Duration::from_millis(200));
+    let origin = new_origin(Duration::from_millis(200));
     let ttl = Duration::from_millis(300);
-    let layers: Vec<_> = (0..3)
-        .map(|_| {
-            node(&server)
-                .ttl(ttl)
-                .grace(Duration::from_secs(60))
-                .build()
-        })
-        .collect();
+    let layers = nodes(&server, 3, |n| n.ttl(ttl).grace(Duration::from_secs(60)));
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
     // Node 0 stores the value; then the TTL passes.
-    assert_eq!(
-        text(services[0].clone().oneshot(get("/swr")).await.unwrap()).await,
-        "/swr #1"
-    );
-    tokio::time::sleep(ttl).await;
+    store_then_expire(&services[0], "/swr", ttl).await;
 
-    let results = fire(&services, "/swr", 100).await;
-    for (status, cs, body) in &results {
+    let results = stampede(&services, &["/swr"], 100).await;
+    for (_, status, cs, body) in &results {
         assert_eq!(*status, StatusCode::OK);
         assert_eq!(body, "/swr #1");
         assert!(
@@ -182,10 +113,10 @@ async fn inside_the_grace_window_everyone_gets_the_stale_copy_while_one_refresh_
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let results = fire(&services, "/swr", 30).await;
+    let results = stampede(&services, &["/swr"], 30).await;
     assert!(results
         .iter()
-        .all(|(s, _, b)| *s == StatusCode::OK && b == "/swr #2"));
+        .all(|(_, s, _, b)| *s == StatusCode::OK && b == "/swr #2"));
     assert_eq!(origin.calls(), 2);
     assert!(total(&layers, |s| s.stale_served) >= 100);
 }
@@ -193,39 +124,28 @@ async fn inside_the_grace_window_everyone_gets_the_stale_copy_while_one_refresh_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_refresh_keeps_serving_stale_and_retries_later() {
     let server = RedisServer::start();
-    let origin = Origin::new(Duration::from_millis(20));
+    let origin = new_origin(Duration::from_millis(20));
     let ttl = Duration::from_millis(200);
-    let layers: Vec<_> = (0..3)
-        .map(|_| {
-            node(&server)
-                .ttl(ttl)
-                .grace(Duration::from_secs(60))
-                .build()
-        })
-        .collect();
+    let layers = nodes(&server, 3, |n| n.ttl(ttl).grace(Duration::from_secs(60)));
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
-    assert_eq!(
-        text(services[0].clone().oneshot(get("/flaky")).await.unwrap()).await,
-        "/flaky #1"
-    );
-    tokio::time::sleep(ttl).await;
+    store_then_expire(&services[0], "/flaky", ttl).await;
     origin.fail(true);
 
-    let results = fire(&services, "/flaky", 30).await;
+    let results = stampede(&services, &["/flaky"], 30).await;
     assert!(results
         .iter()
-        .all(|(s, cs, b)| *s == StatusCode::OK && b == "/flaky #1" && cs.contains("stale")));
+        .all(|(_, s, cs, b)| *s == StatusCode::OK && b == "/flaky #1" && cs.contains("stale")));
     until("the refresh to fail", || {
         total(&layers, |s| s.upstream_failures) >= 1
     })
     .await;
     let failed_calls = origin.calls();
-    let results = fire(&services, "/flaky", 30).await;
+    let results = stampede(&services, &["/flaky"], 30).await;
     assert!(
         results
             .iter()
-            .all(|(s, _, b)| *s == StatusCode::OK && b == "/flaky #1"),
+            .all(|(_, s, _, b)| *s == StatusCode::OK && b == "/flaky #1"),
         "stale kept after a failure"
     );
 
@@ -249,23 +169,14 @@ async fn a_failing_refresh_keeps_serving_stale_and_retries_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_serves_the_stale_copy_when_the_upstream_fails() {
     let server = RedisServer::start();
-    let origin = Origin::new(Duration::ZERO);
+    let origin = new_origin(Duration::ZERO);
     let ttl = Duration::from_millis(200);
-    let layers: Vec<_> = (0..2)
-        .map(|_| {
-            node(&server)
-                .ttl(ttl)
-                .stale_if_error(Duration::from_secs(60))
-                .build()
-        })
-        .collect();
+    let layers = nodes(&server, 2, |n| {
+        n.ttl(ttl).stale_if_error(Duration::from_secs(60))
+    });
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
-    assert_eq!(
-        text(services[0].clone().oneshot(get("/sie")).await.unwrap()).await,
-        "/sie #1"
-    );
-    tokio::time::sleep(ttl).await;
+    store_then_expire(&services[0], "/sie", ttl).await;
     origin.fail(true);
     for svc in &services {
         // Node 0 has the copy in memory, node 1 only in Redis.
@@ -304,11 +215,9 @@ async fn stale_if_error_serves_the_stale_copy_when_the_upstream_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_refresh_keeps_a_steadily_hot_key_from_ever_missing() {
     let server = RedisServer::start();
-    let origin = Origin::new(Duration::from_millis(50));
+    let origin = new_origin(Duration::from_millis(50));
     let ttl = Duration::from_millis(600);
-    let layers: Vec<_> = (0..3)
-        .map(|_| node(&server).ttl(ttl).early_refresh(4.0).build())
-        .collect();
+    let layers = nodes(&server, 3, |n| n.ttl(ttl).early_refresh(4.0));
     let services: Vec<_> = layers.iter().map(|l| l.layer(origin.service())).collect();
 
     let first = services[0].clone().oneshot(get("/hot")).await.unwrap();
@@ -334,7 +243,7 @@ async fn early_refresh_keeps_a_steadily_hot_key_from_ever_missing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_entries_are_stored_briefly_and_expire_on_time() {
     let server = RedisServer::start();
-    let origin = Origin::new(Duration::ZERO);
+    let origin = new_origin(Duration::ZERO);
     let negative_ttl = Duration::from_millis(300);
     let layer = node(&server).negative_ttl(negative_ttl).build();
     let svc = layer.layer(origin.service());
@@ -348,7 +257,7 @@ async fn negative_entries_are_stored_briefly_and_expire_on_time() {
     assert_eq!(origin.calls(), 1);
 
     let mut conn = server.conn().await;
-    let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
+    let keys = server.wait_for_keys("stampede:*:v", 1).await;
     let pttl: i64 = conn.pttl(&keys[0]).await.unwrap();
     assert!(pttl > 0 && pttl <= 300, "negative entry lives {pttl} ms");
 

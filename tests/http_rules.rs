@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -114,95 +114,9 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     assert!(waited.is_ok(), "timed out waiting until {what}");
 }
 
-/// An inner service answering `"<path> #<n>"` with a fixed status and headers, counting
-/// its calls.
-#[derive(Clone)]
-struct Scripted {
-    calls: Arc<AtomicUsize>,
-    status: StatusCode,
-    headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-impl Scripted {
-    fn new(status: StatusCode, headers: &[(&'static str, &'static str)]) -> Self {
-        Scripted {
-            calls: Arc::default(),
-            status,
-            headers: headers
-                .iter()
-                .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
-                .collect(),
-        }
-    }
-
-    fn ok(headers: &[(&'static str, &'static str)]) -> Self {
-        Self::new(StatusCode::OK, headers)
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    fn service(
-        &self,
-    ) -> impl Service<
-        Request<Full<Bytes>>,
-        Response = Response<Full<Bytes>>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-           + Send
-           + Sync
-           + 'static {
-        let this = self.clone();
-        tower::service_fn(move |req: Request<Full<Bytes>>| {
-            let this = this.clone();
-            async move {
-                let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                let mut res =
-                    Response::new(Full::new(Bytes::from(format!("{} #{n}", req.uri().path()))));
-                *res.status_mut() = this.status;
-                for (name, value) in &this.headers {
-                    res.headers_mut().append(name.clone(), value.clone());
-                }
-                Ok::<_, Infallible>(res)
-            }
-        })
-    }
-}
-
-/// An inner service answering `"<value of request header `echo`> #<n>"` (or `-` when the
-/// request has none), with extra response headers, counting its calls.
-fn echo_header(
-    echo: HeaderName,
-    response_headers: &[(&'static str, &'static str)],
-    calls: Arc<AtomicUsize>,
-) -> impl Service<
-    Request<Full<Bytes>>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
-    let response_headers: Vec<(HeaderName, HeaderValue)> = response_headers
-        .iter()
-        .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
-        .collect();
-    tower::service_fn(move |req: Request<Full<Bytes>>| {
-        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let seen = req
-            .headers()
-            .get(&echo)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_else(|| "-".to_owned());
-        let mut res = Response::new(Full::new(Bytes::from(format!("{seen} #{n}"))));
-        for (name, value) in &response_headers {
-            res.headers_mut().append(name.clone(), value.clone());
-        }
-        std::future::ready(Ok::<_, Infallible>(res))
-    })
+/// An inner service answering `"<path> #<n>"` with `headers`, counting its calls.
+fn answering(headers: &[(&'static str, &'static str)]) -> Upstream {
+    Upstream::default().with_headers(headers)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -229,7 +143,8 @@ async fn cache_status_stored_then_memory_hit_then_redis_hit_on_another_node() {
     );
     assert_eq!(upstream.calls(), 1);
 
-    // Another node: empty L1, the answer comes from Redis...
+    // Another node: empty L1, the answer comes from Redis (once A's write has landed)...
+    server.wait_for_keys("stampede:*:v", 1).await;
     assert_eq!(fetch(&b, "/cs").await, (cs(HIT_REDIS), "/cs #1".to_owned()));
     // ... and is then in that node's memory too.
     assert_eq!(
@@ -353,29 +268,32 @@ fn as_user(user: &str) -> Request<Full<Bytes>> {
     request(Method::GET, "/me", &[("authorization", user)])
 }
 
+/// Asserts that `user`'s request for `/me` through `svc` is answered `body`, with the
+/// `Cache-Status` `params`.
+async fn assert_user_gets<S, B>(svc: &S, user: &str, params: &str, body: &str)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    assert_eq!(
+        exchange(svc, as_user(user)).await,
+        (cs(params), body.to_owned()),
+        "{user}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_bypasses_the_cache_by_default() {
-    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = Upstream::default().echoing(http::header::AUTHORIZATION);
     let layer = StampedeLayer::builder().build();
-    let svc = layer.layer(echo_header(http::header::AUTHORIZATION, &[], calls.clone()));
+    let svc = layer.layer(upstream.service());
 
-    assert_eq!(
-        exchange(&svc, as_user(ALICE)).await,
-        (cs(PRIVATE), format!("{ALICE} #1"))
-    );
-    assert_eq!(
-        exchange(&svc, as_user(BOB)).await,
-        (cs(PRIVATE), format!("{BOB} #2"))
-    );
-    assert_eq!(
-        exchange(&svc, as_user(ALICE)).await,
-        (cs(PRIVATE), format!("{ALICE} #3"))
-    );
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        3,
-        "every private request goes upstream"
-    );
+    assert_user_gets(&svc, ALICE, PRIVATE, &format!("{ALICE} #1")).await;
+    assert_user_gets(&svc, BOB, PRIVATE, &format!("{BOB} #2")).await;
+    assert_user_gets(&svc, ALICE, PRIVATE, &format!("{ALICE} #3")).await;
+    assert_eq!(upstream.calls(), 3, "every private request goes upstream");
 
     // Nothing private was stored: an anonymous request is a miss of its own.
     assert_eq!(
@@ -383,10 +301,7 @@ async fn authorization_bypasses_the_cache_by_default() {
         (cs(STORED), "- #4".to_owned())
     );
     // And the anonymous answer is not served to a user either.
-    assert_eq!(
-        exchange(&svc, as_user(BOB)).await,
-        (cs(PRIVATE), format!("{BOB} #5"))
-    );
+    assert_user_gets(&svc, BOB, PRIVATE, &format!("{BOB} #5")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,57 +340,32 @@ async fn cookie_bypasses_the_cache_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_user_caches_each_user_separately_and_never_crosses_users() {
     let server = RedisServer::start();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = echo_header(http::header::AUTHORIZATION, &[], calls.clone());
+    let upstream = Upstream::default().echoing(http::header::AUTHORIZATION);
     let node_a = redis_node(&server)
         .private_requests(PrivateRequests::PerUser)
         .build();
     let node_b = redis_node(&server)
         .private_requests(PrivateRequests::PerUser)
         .build();
-    let a = node_a.layer(inner.clone());
-    let b = node_b.layer(inner);
+    let a = node_a.layer(upstream.service());
+    let b = node_b.layer(upstream.service());
 
     let alice_body = format!("{ALICE} #1");
     let bob_body = format!("{BOB} #2");
 
-    assert_eq!(
-        exchange(&a, as_user(ALICE)).await,
-        (cs(STORED), alice_body.clone())
-    );
-    assert_eq!(
-        exchange(&a, as_user(ALICE)).await,
-        (cs(HIT_MEMORY), alice_body.clone())
-    );
+    assert_user_gets(&a, ALICE, STORED, &alice_body).await;
+    assert_user_gets(&a, ALICE, HIT_MEMORY, &alice_body).await;
     // Bob asks the node that has Alice's answer in memory: he gets his own.
-    assert_eq!(
-        exchange(&a, as_user(BOB)).await,
-        (cs(STORED), bob_body.clone())
-    );
-    assert_eq!(
-        exchange(&a, as_user(BOB)).await,
-        (cs(HIT_MEMORY), bob_body.clone())
-    );
-    assert_eq!(
-        exchange(&a, as_user(ALICE)).await,
-        (cs(HIT_MEMORY), alice_body.clone())
-    );
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "one upstream call per user"
-    );
+    assert_user_gets(&a, BOB, STORED, &bob_body).await;
+    assert_user_gets(&a, BOB, HIT_MEMORY, &bob_body).await;
+    assert_user_gets(&a, ALICE, HIT_MEMORY, &alice_body).await;
+    assert_eq!(upstream.calls(), 2, "one upstream call per user");
 
     // Through Redis, on another node, each user still gets only their own answer.
-    assert_eq!(
-        exchange(&b, as_user(BOB)).await,
-        (cs(HIT_REDIS), bob_body.clone())
-    );
-    assert_eq!(
-        exchange(&b, as_user(ALICE)).await,
-        (cs(HIT_REDIS), alice_body.clone())
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    server.wait_for_keys("stampede:*:v", 2).await;
+    assert_user_gets(&b, BOB, HIT_REDIS, &bob_body).await;
+    assert_user_gets(&b, ALICE, HIT_REDIS, &alice_body).await;
+    assert_eq!(upstream.calls(), 2);
 
     // Anonymous requests share neither user's answer.
     assert_eq!(
@@ -484,11 +374,8 @@ async fn per_user_caches_each_user_separately_and_never_crosses_users() {
     );
     // Nor does a third user.
     let carol = "Bearer carol-token";
-    assert_eq!(
-        exchange(&b, as_user(carol)).await,
-        (cs(STORED), format!("{carol} #4"))
-    );
-    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_user_gets(&b, carol, STORED, &format!("{carol} #4")).await;
+    assert_eq!(upstream.calls(), 4);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -496,7 +383,7 @@ async fn per_user_caches_each_user_separately_and_never_crosses_users() {
 // ---------------------------------------------------------------------------------------
 
 /// The first request is a miss that is not stored, the next ones go straight upstream.
-async fn assert_not_stored_then_hit_for_pass(layer: StampedeLayer, inner: Scripted, what: &str) {
+async fn assert_not_stored_then_hit_for_pass(layer: StampedeLayer, inner: Upstream, what: &str) {
     let svc = layer.layer(inner.service());
     let (status, body) = fetch(&svc, "/u").await;
     assert_eq!(status, cs(UNCACHEABLE), "{what}: first request");
@@ -524,24 +411,24 @@ async fn assert_not_stored_then_hit_for_pass(layer: StampedeLayer, inner: Script
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncacheable_answers_are_not_stored_and_mark_hit_for_pass() {
-    let cases: [(&str, Scripted); 6] = [
+    let cases: [(&str, Upstream); 6] = [
         (
             "cache-control: private",
-            Scripted::ok(&[("cache-control", "private")]),
+            answering(&[("cache-control", "private")]),
         ),
         (
             "cache-control: no-store",
-            Scripted::ok(&[("cache-control", "no-store")]),
+            answering(&[("cache-control", "no-store")]),
         ),
         (
             "cache-control: public, no-store",
-            Scripted::ok(&[("cache-control", "public, no-store")]),
+            answering(&[("cache-control", "public, no-store")]),
         ),
-        ("set-cookie", Scripted::ok(&[("set-cookie", "session=abc")])),
-        ("vary: *", Scripted::ok(&[("vary", "*")])),
+        ("set-cookie", answering(&[("set-cookie", "session=abc")])),
+        ("vary: *", answering(&[("vary", "*")])),
         (
             "status 500",
-            Scripted::new(StatusCode::INTERNAL_SERVER_ERROR, &[]),
+            Upstream::default().with_status(StatusCode::INTERNAL_SERVER_ERROR),
         ),
     ];
     for (what, inner) in cases {
@@ -553,7 +440,7 @@ async fn uncacheable_answers_are_not_stored_and_mark_hit_for_pass() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncacheable_status_500_is_passed_through_as_is() {
-    let inner = Scripted::new(StatusCode::INTERNAL_SERVER_ERROR, &[("x-upstream", "yes")]);
+    let inner = answering(&[("x-upstream", "yes")]).with_status(StatusCode::INTERNAL_SERVER_ERROR);
     let svc = StampedeLayer::builder()
         .error_ttl(Duration::ZERO)
         .build()
@@ -570,7 +457,7 @@ async fn uncacheable_status_500_is_passed_through_as_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_error_is_shared_with_every_waiter_and_kept_briefly() {
     let server = RedisServer::start();
-    let inner = Scripted::new(StatusCode::BAD_GATEWAY, &[("x-upstream", "yes")]);
+    let inner = answering(&[("x-upstream", "yes")]).with_status(StatusCode::BAD_GATEWAY);
     let gate = Arc::new(Semaphore::new(0));
     let gated = {
         let (svc, gate) = (inner.service(), gate.clone());
@@ -608,7 +495,7 @@ async fn an_upstream_error_is_shared_with_every_waiter_and_kept_briefly() {
 }
 
 /// The first request stores, the second is a memory hit with the same answer.
-async fn assert_stored(layer: StampedeLayer, inner: Scripted, what: &str) -> Response<Bytes> {
+async fn assert_stored(layer: StampedeLayer, inner: Upstream, what: &str) -> Response<Bytes> {
     let svc = layer.layer(inner.service());
     let (status, body) = fetch(&svc, "/s").await;
     assert_eq!(status, cs(STORED), "{what}: first request");
@@ -630,13 +517,13 @@ async fn opt_ins_store_no_store_private_and_set_cookie_answers() {
         ("no-cache", "no-cache"),
     ] {
         let layer = StampedeLayer::builder().honor_no_store(false).build();
-        assert_stored(layer, Scripted::ok(&[("cache-control", cc)]), what).await;
+        assert_stored(layer, answering(&[("cache-control", cc)]), what).await;
     }
 
     let layer = StampedeLayer::builder().store_set_cookie(true).build();
     let hit = assert_stored(
         layer,
-        Scripted::ok(&[("set-cookie", "session=abc")]),
+        answering(&[("set-cookie", "session=abc")]),
         "set-cookie",
     )
     .await;
@@ -650,14 +537,14 @@ async fn opt_ins_store_no_store_private_and_set_cookie_answers() {
     let layer = StampedeLayer::builder().honor_no_store(false).build();
     assert_not_stored_then_hit_for_pass(
         layer,
-        Scripted::ok(&[("set-cookie", "session=abc")]),
+        answering(&[("set-cookie", "session=abc")]),
         "set-cookie with honor_no_store(false)",
     )
     .await;
     let layer = StampedeLayer::builder().store_set_cookie(true).build();
     assert_not_stored_then_hit_for_pass(
         layer,
-        Scripted::ok(&[("cache-control", "no-store")]),
+        answering(&[("cache-control", "no-store")]),
         "no-store with store_set_cookie(true)",
     )
     .await;
@@ -670,7 +557,7 @@ async fn opt_ins_store_no_store_private_and_set_cookie_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hit_for_pass_marker_is_shared_through_redis() {
     let server = RedisServer::start();
-    let inner = Scripted::ok(&[("cache-control", "no-store")]);
+    let inner = answering(&[("cache-control", "no-store")]);
     let node_a = redis_node(&server)
         .hit_for_pass(Duration::from_secs(40))
         .build();
@@ -687,8 +574,7 @@ async fn hit_for_pass_marker_is_shared_through_redis() {
 
     // The marker is in Redis, with the hit-for-pass TTL, and it is not a stored answer.
     let mut conn = server.conn().await;
-    let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
-    assert_eq!(keys.len(), 1, "one hit-for-pass marker: {keys:?}");
+    let keys = server.wait_for_keys("stampede:*:v", 1).await;
     let pttl: i64 = conn.pttl(&keys[0]).await.unwrap();
     assert!(
         pttl > 10_000 && pttl <= 40_000,
@@ -729,16 +615,12 @@ fn lang(path: &str, language: &str) -> Request<Full<Bytes>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vary_on_configured_header_caches_one_answer_per_value() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let inner = echo_header(
-        HeaderName::from_static("accept-language"),
-        &[("vary", "Accept-Language")],
-        calls.clone(),
-    );
+    let upstream = answering(&[("vary", "Accept-Language")])
+        .echoing(HeaderName::from_static("accept-language"));
     let layer = StampedeLayer::builder()
         .vary([HeaderName::from_static("accept-language")])
         .build();
-    let svc = layer.layer(inner);
+    let svc = layer.layer(upstream.service());
 
     assert_eq!(
         exchange(&svc, lang("/v", "en")).await,
@@ -748,7 +630,7 @@ async fn vary_on_configured_header_caches_one_answer_per_value() {
         exchange(&svc, lang("/v", "fr")).await,
         (cs(STORED), "fr #2".to_owned())
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(upstream.calls(), 2);
     for _ in 0..2 {
         assert_eq!(
             exchange(&svc, lang("/v", "en")).await,
@@ -764,28 +646,27 @@ async fn vary_on_configured_header_caches_one_answer_per_value() {
         exchange(&svc, request(Method::GET, "/v", &[])).await,
         (cs(STORED), "- #3".to_owned())
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(upstream.calls(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vary_on_unconfigured_header_is_not_stored() {
-    // The layer varies on accept-language; the answer varies on accept-encoding.
-    let inner = Scripted::ok(&[("vary", "accept-encoding")]);
+    // The layer varies on accept-language; the answer varies on x-device.
+    let inner = answering(&[("vary", "x-device")]);
     let layer = StampedeLayer::builder()
         .vary([HeaderName::from_static("accept-language")])
         .build();
-    assert_not_stored_then_hit_for_pass(layer, inner, "vary: accept-encoding").await;
+    assert_not_stored_then_hit_for_pass(layer, inner, "vary: x-device").await;
 
     // A list naming a configured and an unconfigured header is not stored either.
-    let inner = Scripted::ok(&[("vary", "accept-language, accept-encoding")]);
+    let inner = answering(&[("vary", "accept-language, x-device")]);
     let layer = StampedeLayer::builder()
         .vary([HeaderName::from_static("accept-language")])
         .build();
-    assert_not_stored_then_hit_for_pass(layer, inner, "vary: accept-language, accept-encoding")
-        .await;
+    assert_not_stored_then_hit_for_pass(layer, inner, "vary: accept-language, x-device").await;
 
     // Without any configured header, even accept-language is not stored.
-    let inner = Scripted::ok(&[("vary", "accept-language")]);
+    let inner = answering(&[("vary", "accept-language")]);
     assert_not_stored_then_hit_for_pass(
         StampedeLayer::builder().build(),
         inner,
@@ -936,12 +817,11 @@ async fn stored_pttl(
 ) -> i64 {
     let mut conn = server.conn().await;
     let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let inner = Scripted::ok(headers);
+    let inner = answering(headers);
     let svc = builder.build().layer(inner.service());
     assert_eq!(fetch(&svc, "/ttl").await.0, cs(STORED), "{headers:?}");
     assert_eq!(inner.calls(), 1);
-    let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
-    assert_eq!(keys.len(), 1, "one value key: {keys:?}");
+    let keys = server.wait_for_keys("stampede:*:v", 1).await;
     let pttl: i64 = conn.pttl(&keys[0]).await.unwrap();
     let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     pttl
@@ -1261,11 +1141,70 @@ async fn per_user_keys_keep_credentials_out_of_redis_and_may_vary_on_them() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 
     let mut conn = server.conn().await;
-    let keys: Vec<String> = conn.keys("stampede:*:v").await.unwrap();
-    assert_eq!(keys.len(), 1);
+    let keys = server.wait_for_keys("stampede:*:v", 1).await;
     let stored: Vec<u8> = conn.get(&keys[0]).await.unwrap();
     assert!(
         !stored.windows(16).any(|w| w == b"SECRET-TOKEN-123"),
         "credentials written to redis"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_encoding_is_normalized_into_the_key_and_upstream() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let (seen, calls) = (seen.clone(), calls.clone());
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let coding = req
+                .headers()
+                .get("accept-encoding")
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.lock().unwrap().push(coding.clone());
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let body = format!("{} #{n}", coding.as_deref().unwrap_or("identity"));
+            std::future::ready(Ok::<_, Infallible>(
+                Response::builder()
+                    .header("vary", "Accept-Encoding")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            ))
+        })
+    };
+    let svc = StampedeLayer::builder().build().layer(inner);
+    let ask = |coding: Option<&str>| {
+        let mut req = Request::get("http://test/page");
+        if let Some(c) = coding {
+            req = req.header("accept-encoding", c);
+        }
+        req.body(Full::default()).unwrap()
+    };
+    // Browsers' many spellings collapse onto one entry per coding the upstream may use.
+    let mut bodies = Vec::new();
+    for coding in [
+        Some("gzip, deflate, br"),
+        Some("br"),
+        Some("gzip, deflate"),
+        Some("gzip"),
+        None,
+        Some("identity"),
+    ] {
+        let res = svc.clone().oneshot(ask(coding)).await.unwrap();
+        bodies.push(text(res).await);
+    }
+    assert_eq!(
+        bodies,
+        [
+            "br #1",
+            "br #1",
+            "gzip #2",
+            "gzip #2",
+            "identity #3",
+            "identity #3"
+        ]
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![Some("br".to_owned()), Some("gzip".to_owned()), None]
     );
 }

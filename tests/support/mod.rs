@@ -1,5 +1,5 @@
-//! Test support: real `redis-server` processes on free loopback ports, and a counting
-//! upstream service.
+//! Test support: real `redis-server` processes on free loopback ports, a counting
+//! upstream service, and a stampede of concurrent requests.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -7,13 +7,15 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
@@ -130,6 +132,27 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// The keys matching `pattern`, once there are exactly `n` of them. The layer answers
+    /// first and writes to Redis right after, so a test that looks at Redis waits for the
+    /// write (bounded: a write that never lands fails the test).
+    pub async fn wait_for_keys(&self, pattern: &str, n: usize) -> Vec<String> {
+        let mut conn = self.conn().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, pattern)
+                .await
+                .unwrap();
+            if keys.len() == n {
+                return keys;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} keys matching {pattern}, found {keys:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Kills the server (SIGKILL) and waits for it to go.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -193,19 +216,56 @@ fn ping(port: u16) -> bool {
 }
 
 /// Counts calls; answers `"<path> #<n>"` after an optional delay, so identical bodies
-/// prove a shared answer.
+/// prove a shared answer. By default with `200 OK` and no headers; the builder methods
+/// script another status, headers, a body that echoes a request header instead of the
+/// path, or a `404` under a path prefix; and [`fail`](Upstream::fail) turns on `500`s.
 #[derive(Clone, Default)]
 pub struct Upstream {
     pub calls: Arc<AtomicUsize>,
     pub delay: Duration,
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    echo: Option<HeaderName>,
+    not_found_under: Option<&'static str>,
+    failing: Arc<AtomicBool>,
 }
 
 impl Upstream {
     pub fn new(delay: Duration) -> Self {
         Upstream {
-            calls: Arc::default(),
             delay,
+            ..Upstream::default()
         }
+    }
+
+    /// Answers with `status` instead of `200 OK`.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Adds `headers` to every answer.
+    pub fn with_headers(mut self, headers: &[(&'static str, &'static str)]) -> Self {
+        self.headers = static_headers(headers);
+        self
+    }
+
+    /// Answers `"<value of request header `name`> #<n>"` (`-` for a request without it)
+    /// instead of `"<path> #<n>"`.
+    pub fn echoing(mut self, name: HeaderName) -> Self {
+        self.echo = Some(name);
+        self
+    }
+
+    /// Answers `404 Not Found` for paths that start with `prefix`.
+    pub fn not_found_under(mut self, prefix: &'static str) -> Self {
+        self.not_found_under = Some(prefix);
+        self
+    }
+
+    /// While on, answers `500 Internal Server Error` whatever the path (still counted).
+    pub fn fail(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
     }
 
     pub fn calls(&self) -> usize {
@@ -231,13 +291,72 @@ impl Upstream {
                 if !this.delay.is_zero() {
                     tokio::time::sleep(this.delay).await;
                 }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                    "{} #{n}",
-                    req.uri().path()
-                )))))
+                let path = req.uri().path();
+                let seen = match &this.echo {
+                    Some(name) => req.headers().get(name).map_or("-", |v| v.to_str().unwrap()),
+                    None => path,
+                };
+                let mut res = Response::new(Full::new(Bytes::from(format!("{seen} #{n}"))));
+                *res.status_mut() = if this.failing.load(Ordering::SeqCst) {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else if this.not_found_under.is_some_and(|p| path.starts_with(p)) {
+                    StatusCode::NOT_FOUND
+                } else {
+                    this.status
+                };
+                for (name, value) in &this.headers {
+                    res.headers_mut().append(name.clone(), value.clone());
+                }
+                Ok::<_, Infallible>(res)
             }
         })
     }
+}
+
+/// Header pairs as a header list.
+pub fn static_headers(headers: &[(&'static str, &'static str)]) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .map(|&(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v)))
+        .collect()
+}
+
+/// Fires `per_key` concurrent GETs for each path, spread round-robin over the services,
+/// all released at once; returns (path, status, cache-status, body) per request, in the
+/// order fired.
+pub async fn stampede<S, B>(
+    services: &[S],
+    paths: &[impl AsRef<str>],
+    per_key: usize,
+) -> Vec<(String, StatusCode, String, String)>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug + Send,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let total = paths.len() * per_key;
+    let barrier = Arc::new(tokio::sync::Barrier::new(total));
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let path = paths[i % paths.len()].as_ref().to_owned();
+        let svc = services[i % services.len()].clone();
+        let barrier = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let res = svc.oneshot(get(&path)).await.expect("infallible stack");
+            let status = res.status();
+            let cs = cache_status(&res);
+            (path, status, cs, text(res).await)
+        }));
+    }
+    let mut out = Vec::with_capacity(total);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }
 
 /// A GET request for `path` on `http://test`.

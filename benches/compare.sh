@@ -1,0 +1,486 @@
+#!/usr/bin/env bash
+# Side by side on this machine: tower-stampede's proxy (3 instances sharing one Redis),
+# nginx (proxy_cache + proxy_cache_lock, 3 instances) and Varnish (3 instances), in
+# front of one counting upstream that takes 200 ms per call. Then hit throughput (ours
+# vs nginx, one core each, wrk on the other) and the proxy's memory with 100k cached
+# 2 KiB answers.
+#
+#   bash benches/compare.sh
+#
+# Everything listens on 127.0.0.1 only, on free ports (never 80 or 6379), runs from a
+# temporary directory, is bounded by timeouts and is stopped on exit. Missing tools
+# (nginx, varnish, wrk, redis-server, curl, taskset) are installed with apt-get.
+# KEEP=1 keeps the temporary directory (configs and logs) for inspection.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+UPSTREAM_DELAY=200ms
+A_CLIENTS=300
+A_KEYS=1
+B_CLIENTS=3000
+B_KEYS=100
+WRK_SECONDS=10
+FILL_KEYS=100000
+
+say() { printf '%s\n' "$*"; }
+log() { printf '# %s\n' "$*" >&2; }
+die() {
+  printf 'compare.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# ---------------------------------------------------------------------------------------
+# Tools
+# ---------------------------------------------------------------------------------------
+
+install_missing() {
+  local missing=() pair cmd pkg
+  for pair in nginx:nginx varnishd:varnish wrk:wrk redis-server:redis-server \
+    redis-cli:redis-tools curl:curl taskset:util-linux ss:iproute2; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    if ! command -v "$cmd" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$cmd" ]; then
+      missing+=("$pkg")
+    fi
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  log "installing with apt-get: ${missing[*]}"
+  # Package scripts must not start system-wide nginx/varnish/redis services (port 80,
+  # 6081, 6379): deny service starts for the duration of the install unless a policy
+  # is already in place.
+  local policy=/usr/sbin/policy-rc.d added=0
+  if [ ! -e "$policy" ]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod +x $policy"
+    added=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  local rc=0
+  as_root timeout 600 apt-get update -qq || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    as_root timeout 600 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  fi
+  [ "$added" -eq 1 ] && as_root rm -f "$policy"
+  [ "$rc" -eq 0 ] || die "apt-get failed (exit $rc)"
+}
+
+install_missing
+export PATH="$PATH:/usr/sbin:/sbin"
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (https://rustup.rs)"
+
+# ---------------------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------------------
+
+NPROC=$(nproc)
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
+say "## Machine"
+say ""
+say "- nproc: $NPROC; CPU: ${CPU_MODEL:-unknown}; kernel: $(uname -sr); memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+say "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+say "- $(nginx -v 2>&1 | sed 's/^nginx version: //'); $(varnishd -V 2>&1 | head -n1 | sed 's/ revision.*//;s/^varnishd (//;s/)$//'); $(redis-server --version | awk '{print "redis " $3}' | tr -d 'v='); $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'); $(rustc --version | awk '{print $1, $2}')"
+
+# ---------------------------------------------------------------------------------------
+# Build
+# ---------------------------------------------------------------------------------------
+
+log "building: cargo build --release --example proxy --example loadgen"
+timeout 1200 cargo build --release --example proxy --example loadgen >&2
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PROXY=$TARGET_DIR/release/examples/proxy
+LOADGEN=$TARGET_DIR/release/examples/loadgen
+[ -x "$PROXY" ] && [ -x "$LOADGEN" ] || die "built binaries not found under $TARGET_DIR/release/examples"
+
+# ---------------------------------------------------------------------------------------
+# Processes, ports, clean-up
+# ---------------------------------------------------------------------------------------
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/stampede-compare.XXXXXX")
+PIDS=()
+
+STOPPED=" "
+stop_pid() {
+  local pid=$1 i
+  case "$STOPPED" in *" $pid "*) return 0 ;; esac
+  # Once reaped, the pid may be reused: never signal it again.
+  STOPPED="$STOPPED$pid "
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local pid
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    stop_pid "$pid"
+  done
+  if [ "${KEEP:-0}" = 1 ]; then
+    log "kept $TMP"
+  else
+    rm -rf "$TMP"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Thousands of sockets per process.
+ulimit -n "$(ulimit -Hn | sed 's/unlimited/65536/')" 2>/dev/null || true
+[ "$(ulimit -n)" -ge 8192 ] || log "warning: ulimit -n is $(ulimit -n); 3000 clients need more"
+
+# free_port: sets $PORT to a loopback port that no socket uses and this run has not
+# handed out yet (called in this shell, not in $(...), so that it remembers).
+USED_PORTS=" "
+free_port() {
+  local i
+  for i in $(seq 1 200); do
+    PORT=$((20000 + RANDOM % 40000))
+    case "$USED_PORTS" in *" $PORT "*) continue ;; esac
+    if [ -z "$(ss -Htan "( sport = :$PORT or dport = :$PORT )" 2>/dev/null)" ]; then
+      USED_PORTS="$USED_PORTS$PORT "
+      return 0
+    fi
+  done
+  die "no free port found"
+}
+
+# start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
+start() {
+  local name=$1
+  shift
+  "$@" >"$TMP/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# wait_url URL: until it answers 200 (20 s at most).
+wait_url() {
+  local i
+  for i in $(seq 1 200); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1" || true)" = 200 ]; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "$1 did not answer 200 within 20 s"
+}
+
+wait_log() {
+  local file=$1 pattern=$2 i
+  for i in $(seq 1 200); do
+    grep -q "$pattern" "$file" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "no '$pattern' in $file within 20 s: $(tail -n 5 "$file")"
+}
+
+# kv LINE KEY: the value of KEY=value in LINE.
+kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n1; }
+
+# cpu_ms PID...: CPU time (user + system) used so far by these processes and their
+# children (nginx workers, the varnish child), in milliseconds.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ms() {
+  local pid p ticks=0 t
+  for pid in "$@"; do
+    for p in "$pid" $(pgrep -P "$pid" 2>/dev/null || true); do
+      t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}' || true)
+      ticks=$((ticks + ${t:-0}))
+    done
+  done
+  echo $((ticks * 1000 / CLK_TCK))
+}
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+mib() { awk -v kb="$1" 'BEGIN {printf "%.1f MiB", kb / 1024}'; }
+
+# ---------------------------------------------------------------------------------------
+# Upstream, Redis, fronts
+# ---------------------------------------------------------------------------------------
+
+free_port
+UP_PORT=$PORT
+UPSTREAM=http://127.0.0.1:$UP_PORT
+start upstream "$LOADGEN" upstream --listen "127.0.0.1:$UP_PORT" --delay "$UPSTREAM_DELAY"
+wait_url "$UPSTREAM/__count"
+upstream_count() { curl -sf --max-time 5 "$UPSTREAM/__count" | tr -d '[:space:]'; }
+
+free_port
+REDIS_PORT=$PORT
+mkdir -p "$TMP/redis"
+start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --dir "$TMP/redis" --daemonize no --protected-mode yes --maxclients 10000
+for i in $(seq 1 100); do
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG && break
+  sleep 0.1
+done
+redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG || die "redis-server did not start"
+REDIS_PID=$LAST_PID
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
+
+# start_ours NAME [proxy flags...]: starts a proxy (under "${PIN[@]}", if set), sets
+# $LAST_PORT and $LAST_PID.
+PIN=()
+start_ours() {
+  local name=$1
+  shift
+  free_port
+  LAST_PORT=$PORT
+  start "$name" "${PIN[@]}" env RUST_LOG=info NO_COLOR=1 "$PROXY" --listen "127.0.0.1:$LAST_PORT" "$@"
+  wait_log "$TMP/$name.log" "listening on"
+}
+
+# nginx_conf DIR PORT [HTTP-DIRECTIVE]: a proxy_cache + proxy_cache_lock config, one worker.
+nginx_conf() {
+  local dir=$1 port=$2 extra=${3:-} user_line=""
+  mkdir -p "$dir/cache" "$dir/tmp"
+  [ "$(id -u)" -eq 0 ] && user_line="user $(id -un) $(id -gn);"
+  cat >"$dir/nginx.conf" <<EOF
+$user_line
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+worker_rlimit_nofile 20000;
+events { worker_connections 10000; }
+http {
+  access_log off;
+  $extra
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path $dir/tmp/client;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  proxy_cache_path $dir/cache levels=1:2 keys_zone=front:32m max_size=1g inactive=10m use_temp_path=off;
+  upstream origin {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache front;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 5s;
+      add_header X-Cache-Status \$upstream_cache_status;
+    }
+  }
+}
+EOF
+}
+
+# start_nginx NAME HTTP-DIRECTIVE [taskset args...]
+start_nginx() {
+  local name=$1 extra=$2
+  shift 2
+  free_port
+  LAST_PORT=$PORT
+  nginx_conf "$TMP/$name" "$LAST_PORT" "$extra"
+  start "$name" "$@" nginx -p "$TMP/$name/" -c "$TMP/$name/nginx.conf" -e "$TMP/$name/error.log"
+  wait_url "http://127.0.0.1:$LAST_PORT/__warm"
+}
+
+start_varnish() {
+  local name=$1
+  free_port
+  LAST_PORT=$PORT
+  start "$name" varnishd -j none -F -T none -a "127.0.0.1:$LAST_PORT" -b "127.0.0.1:$UP_PORT" \
+    -n "$TMP/$name" -s malloc,256m
+  wait_url "http://127.0.0.1:$LAST_PORT/__warm"
+}
+
+log "starting 3 × ours (one shared redis-server), 3 × nginx, 3 × varnish"
+OURS=() NGINX=() VARNISH=() OURS_PIDS=() NGINX_PIDS=() VARNISH_PIDS=()
+for n in 1 2 3; do
+  start_ours "ours$n" --upstream "$UPSTREAM" --redis "$REDIS_URL"
+  OURS+=("http://127.0.0.1:$LAST_PORT")
+  OURS_PIDS+=("$LAST_PID")
+  start_nginx "nginx$n" ""
+  NGINX+=("http://127.0.0.1:$LAST_PORT")
+  NGINX_PIDS+=("$LAST_PID")
+  start_varnish "varnish$n"
+  VARNISH+=("http://127.0.0.1:$LAST_PORT")
+  VARNISH_PIDS+=("$LAST_PID")
+done
+
+join() {
+  local IFS=,
+  echo "$*"
+}
+
+# ---------------------------------------------------------------------------------------
+# Scenarios A and B
+# ---------------------------------------------------------------------------------------
+
+# scenario TITLE CLIENTS KEYS
+scenario() {
+  local title=$1 clients=$2 keys=$3 front targets before after line calls cpu0 cpu details=""
+  local pids=()
+  say ""
+  say "## $title"
+  say ""
+  say "| front | upstream calls | p50 ms | p99 ms | max ms | ok | errors | front CPU ms |"
+  say "|---|---:|---:|---:|---:|---:|---:|---:|"
+  for front in nothing ours nginx varnish; do
+    case $front in
+      nothing) targets=$UPSTREAM pids=() ;;
+      ours) targets=$(join "${OURS[@]}") pids=("${OURS_PIDS[@]}" "$REDIS_PID") ;;
+      nginx) targets=$(join "${NGINX[@]}") pids=("${NGINX_PIDS[@]}") ;;
+      varnish) targets=$(join "${VARNISH[@]}") pids=("${VARNISH_PIDS[@]}") ;;
+    esac
+    before=$(upstream_count)
+    cpu0=$(cpu_ms "${pids[@]}")
+    line=$(timeout 180 "$LOADGEN" stampede --targets "$targets" --clients "$clients" --keys "$keys" \
+      2>"$TMP/stampede-$front-$clients.err" || true)
+    # Late upstream calls (a waiter timing out, a refresh) still count.
+    sleep 0.3
+    after=$(upstream_count)
+    cpu=$(($(cpu_ms "${pids[@]}") - cpu0))
+    [ "$front" = nothing ] && cpu="–"
+    calls=$((after - before))
+    if [ -z "$line" ]; then
+      say "| $front | $calls | – | – | – | – | loadgen failed: $(tail -n1 "$TMP/stampede-$front-$clients.err") | $cpu |"
+      continue
+    fi
+    say "| $front | $calls | $(kv "$line" p50_ms) | $(kv "$line" p99_ms) | $(kv "$line" max_ms) | $(kv "$line" ok) | $(kv "$line" errors) | $cpu |"
+    details="$details"$'\n'"- $front: \`$line\`"$'\n'"$(sed 's/^/  - /' "$TMP/stampede-$front-$clients.err")"
+  done
+  say ""
+  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
+  say "$details"
+}
+
+scenario "Scenario A: $A_CLIENTS clients, $A_KEYS cold key, upstream $UPSTREAM_DELAY" "$A_CLIENTS" "$A_KEYS"
+scenario "Scenario B: $B_CLIENTS clients, $B_KEYS cold keys, upstream $UPSTREAM_DELAY" "$B_CLIENTS" "$B_KEYS"
+
+log "stopping the scenario fronts"
+for pid in "${OURS_PIDS[@]}" "${NGINX_PIDS[@]}" "${VARNISH_PIDS[@]}"; do stop_pid "$pid"; done
+
+# ---------------------------------------------------------------------------------------
+# Hit throughput: one core each
+# ---------------------------------------------------------------------------------------
+
+say ""
+say "## Hit throughput (wrk -t1 -c64 -d${WRK_SECONDS}s on one warm key)"
+say ""
+if [ "$NPROC" -ge 2 ]; then
+  SERVER_CPU=(taskset -c 0)
+  WRK_CPU=(taskset -c 1)
+  pinning="server pinned to CPU 0 (taskset -c 0), wrk to CPU 1 (taskset -c 1)"
+else
+  SERVER_CPU=()
+  WRK_CPU=()
+  pinning="one CPU only: nothing pinned"
+fi
+
+WRK_ROUNDS=3
+
+# wrk_run NAME URL: one wrk run; sets WRK_RPS, WRK_P50, WRK_P99, WRK_BAD.
+wrk_run() {
+  local name=$1 url=$2 out
+  out=$TMP/wrk-$name.txt
+  timeout $((WRK_SECONDS + 30)) "${WRK_CPU[@]}" wrk -t1 -c64 "-d${WRK_SECONDS}s" --latency "$url" >"$out" 2>&1 || true
+  WRK_RPS=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+  WRK_P50=$(awk '$1 == "50%" {print $2}' "$out")
+  WRK_P99=$(awk '$1 == "99%" {print $2}' "$out")
+  WRK_BAD=$(awk '/Non-2xx or 3xx responses:/ {print "non-2xx:", $NF} /Socket errors:/ {print}' "$out" | tr '\n' ' ')
+}
+
+HOT=/hot-wrk
+# The fronts measured: ours, nginx as configured above, and nginx with its open-file
+# cache (a proxy_cache hit otherwise opens, stats and closes the cache file each time).
+declare -A URL BEST PIDOF
+PIN=("${SERVER_CPU[@]}")
+start_ours wrk-ours --upstream "$UPSTREAM" --redis "$REDIS_URL" --workers 1
+PIN=()
+PIDOF[ours]=$LAST_PID URL[ours]=http://127.0.0.1:$LAST_PORT$HOT
+start_nginx wrk-nginx "" "${SERVER_CPU[@]}"
+PIDOF[nginx]=$LAST_PID URL[nginx]=http://127.0.0.1:$LAST_PORT$HOT
+start_nginx wrk-nginx-ofc "open_file_cache max=1000 inactive=60s;" "${SERVER_CPU[@]}"
+PIDOF[nginx-ofc]=$LAST_PID URL[nginx-ofc]=http://127.0.0.1:$LAST_PORT$HOT
+WRK_FRONTS=(ours nginx nginx-ofc)
+for front in "${WRK_FRONTS[@]}"; do
+  curl -s -o /dev/null "${URL[$front]}"
+  BEST[$front]=0
+done
+OURS_STATUS=$(curl -s -D - -o /dev/null "${URL[ours]}" | tr -d '\r' | sed -n 's/^cache-status: //Ip')
+NGINX_STATUS=$(curl -s -D - -o /dev/null "${URL[nginx]}" | tr -d '\r' | sed -n 's/^x-cache-status: //Ip')
+OURS_HEAD=$(curl -s -D - -o /dev/null "${URL[ours]}" | wc -c)
+NGINX_HEAD=$(curl -s -D - -o /dev/null "${URL[nginx]}" | wc -c)
+OURS_THREADS=$(ls "/proc/${PIDOF[ours]}/task" | wc -l)
+HOT_BODY=$(curl -s "${URL[ours]}" | wc -c)
+
+say "| round | front | requests/sec | p50 | p99 | wrk errors |"
+say "|---:|---|---:|---:|---:|---|"
+# Alternate, so that a burst of load from elsewhere on the machine hits every front.
+for round in $(seq 1 "$WRK_ROUNDS"); do
+  for front in "${WRK_FRONTS[@]}"; do
+    wrk_run "$front-$round" "${URL[$front]}"
+    say "| $round | $front | ${WRK_RPS:-–} | ${WRK_P50:-–} | ${WRK_P99:-–} | ${WRK_BAD:-none} |"
+    if [ -n "$WRK_RPS" ]; then
+      BEST[$front]=$(awk -v a="${BEST[$front]}" -v b="$WRK_RPS" 'BEGIN {print (b > a) ? b : a}')
+    fi
+  done
+done
+for front in "${WRK_FRONTS[@]}"; do stop_pid "${PIDOF[$front]}"; done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f×", a / b; else print "–"}'; }
+say ""
+say "**ours / nginx = $(ratio "${BEST[ours]}" "${BEST[nginx]}")** (best of $WRK_ROUNDS alternating rounds each: ${BEST[ours]} vs ${BEST[nginx]} requests/sec); ours / nginx with open_file_cache = $(ratio "${BEST[ours]}" "${BEST[nginx-ofc]}") (${BEST[nginx-ofc]} requests/sec)."
+say ""
+say "ours: proxy --workers 1 ($OURS_THREADS threads, all pinned), Cache-Status \`$OURS_STATUS\`, $OURS_HEAD-byte response head; nginx: worker_processes 1, access_log off, X-Cache-Status \`$NGINX_STATUS\`, $NGINX_HEAD-byte head; nginx-ofc: the same plus \`open_file_cache max=1000 inactive=60s\`; body $HOT_BODY bytes from all; $pinning."
+say ""
+
+# ---------------------------------------------------------------------------------------
+# Memory: 100k distinct 2 KiB answers in L1
+# ---------------------------------------------------------------------------------------
+
+say ""
+say "## Memory: $FILL_KEYS distinct 2 KiB answers through one proxy (local backend, --max-body 4096 --ttl 1h)"
+say ""
+free_port
+UP2_PORT=$PORT
+start upstream-fast "$LOADGEN" upstream --listen "127.0.0.1:$UP2_PORT" --delay 0ms
+UPSTREAM_FAST=http://127.0.0.1:$UP2_PORT
+wait_url "$UPSTREAM_FAST/__count"
+PAYLOAD_KB=$((FILL_KEYS * 2048 / 1024))
+
+say "| --cache-size (bound) | RSS at start | RSS after fill | RSS − start | (RSS − start) / bound | entries kept (reversed 2nd pass hits) | RSS after 2nd pass | peak RSS | fill |"
+say "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+MEM_NOTES=""
+for bound in 268435456 67108864; do
+  start_ours "mem-$bound" --upstream "$UPSTREAM_FAST" --cache-size "$bound" --max-body 4096 --ttl 1h
+  pid=$LAST_PID
+  url=http://127.0.0.1:$LAST_PORT
+  curl -s -o /dev/null "$url/__warm"
+  sleep 0.5
+  rss0=$(rss_kb "$pid")
+  fill1=$(timeout 300 "$LOADGEN" fill --target "$url" --keys "$FILL_KEYS" --prefix /2k/ --concurrency 64 2>"$TMP/fill1-$bound.err" || true)
+  sleep 1
+  rss1=$(rss_kb "$pid")
+  # Newest first: with least-recently-used eviction the hits are the entries still held.
+  fill2=$(timeout 300 "$LOADGEN" fill --target "$url" --keys "$FILL_KEYS" --prefix /2k/ --concurrency 64 --reverse 2>"$TMP/fill2-$bound.err" || true)
+  sleep 1
+  rss2=$(rss_kb "$pid")
+  hwm=$(hwm_kb "$pid")
+  stop_pid "$pid"
+  grew=$((rss1 - rss0))
+  say "| $(mib $((bound / 1024))) | $(mib "$rss0") | $(mib "$rss1") | $(mib "$grew") | $(awk -v g="$grew" -v b="$bound" 'BEGIN {printf "%.2f×", g * 1024 / b}') | $(kv "$fill2" hits) | $(mib "$rss2") | $(mib "$hwm") | $(kv "$fill1" done) ok, $(kv "$fill1" errors) errors, $(kv "$fill1" secs) s |"
+  MEM_NOTES="$MEM_NOTES"$'\n'"- $bound, fill: \`$fill1\`"$'\n'"- $bound, 2nd pass (reversed): \`$fill2\`"
+done
+say ""
+say "Raw payload: $FILL_KEYS × 2048 bytes = $(mib "$PAYLOAD_KB"). RSS from /proc/PID/status (VmRSS; peak: VmHWM). The 2nd pass asks for the same keys newest first: its hits are the entries L1 still held after the fill."
+say "$MEM_NOTES"
+say ""
+say "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"

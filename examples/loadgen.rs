@@ -1,0 +1,646 @@
+//! A small load tool for `benches/compare.sh`: a counting upstream, a stampede generator
+//! and a cache filler.
+//!
+//! ```text
+//! # a counting upstream: "<path> #<n>" after 200 ms, `Cache-Control: public, max-age=60`
+//! cargo run --release --example loadgen -- upstream --listen 127.0.0.1:9000 --delay 200ms
+//! curl -s http://127.0.0.1:9000/__count      # requests served (paths under /__ excluded)
+//! curl -s http://127.0.0.1:9000/__reset      # back to 0
+//!
+//! # 300 clients, released together, on one cold key spread over three front ends
+//! cargo run --release --example loadgen -- stampede \
+//!     --targets http://127.0.0.1:8081,http://127.0.0.1:8082,http://127.0.0.1:8083 \
+//!     --clients 300 --keys 1
+//! #   clients=300 keys=1 ok=300 errors=0 p50_ms=203.1 p99_ms=210.4 max_ms=211.0 ...
+//!
+//! # 100k distinct 2 KiB answers through a cache, 64 at a time
+//! cargo run --release --example loadgen -- fill --target http://127.0.0.1:8081 \
+//!     --keys 100000 --prefix /2k/ --concurrency 64
+//! ```
+//!
+//! The upstream's paths:
+//!
+//! * `/__count`: the number of requests it served, not counting the `/__` paths;
+//! * `/__reset`: sets that count (and the per-path counts) back to 0;
+//! * `/__warm` (and any other `/__` path): `ok` at once, uncounted, cacheable (the
+//!   stampede uses it to open and check its connections before the clock starts);
+//! * `/2k/...`: `"<path> #<n>"` padded to exactly 2048 bytes;
+//! * anything else: `"<path> #<n>"`, where `n` counts the calls for that path.
+//!
+//! Every counted answer comes after `--delay` and carries `Cache-Control: public,
+//! max-age=60`.
+//!
+//! **How the stampede measures.** Each client owns one HTTP/1.1 keep-alive connection
+//! (hyper's connection-level client), opened before the clock starts and checked with one
+//! `GET /__warm` on it, so neither TCP handshakes nor a server's accept loop are part of
+//! the latencies, and no client waits for another's connection. Then every client waits
+//! on one `tokio::sync::Barrier`; once released it sends a single `GET` of
+//! `<prefix><i % keys>-<run id>` (the run id is fresh each run, so every key is cold) to
+//! target `i % targets`, and its latency runs from its release to the last byte of the
+//! body.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Barrier, Semaphore};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadgen",
+    about = "Load tools for benches/compare.sh: a counting upstream, a stampede, a cache filler"
+)]
+struct Cli {
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long, global = true)]
+    workers: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// A counting HTTP upstream that answers after a delay.
+    Upstream(UpstreamArgs),
+    /// Many clients released together on a few cold keys; prints one line of results.
+    Stampede(StampedeArgs),
+    /// Requests many distinct keys once each, to fill a cache.
+    Fill(FillArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpstreamArgs {
+    /// Address to listen on; port 0 picks a free port (logged as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+
+    /// How long each counted request takes.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    delay: Duration,
+}
+
+#[derive(Args, Debug)]
+struct StampedeArgs {
+    /// Base URLs (`http://host:port`, comma-separated); client `i` uses target `i % n`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    targets: Vec<Uri>,
+
+    /// Concurrent clients, one request and one connection each.
+    #[arg(long, default_value_t = 300)]
+    clients: usize,
+
+    /// Distinct keys; client `i` asks for key `i % keys`.
+    #[arg(long, default_value_t = 1)]
+    keys: usize,
+
+    /// The path of key `k` is `<prefix><k>-<run id>`.
+    #[arg(long, default_value = "/k")]
+    prefix: String,
+
+    /// The run id in the paths (default: fresh from the clock and the pid).
+    #[arg(long)]
+    run_id: Option<String>,
+
+    /// Limit on each request, body included (an error past it).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+
+    /// How many connections are opened at once while setting up.
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+}
+
+#[derive(Args, Debug)]
+struct FillArgs {
+    /// Base URL (`http://host:port`).
+    #[arg(long)]
+    target: Uri,
+
+    /// Distinct keys: `<prefix>0` .. `<prefix><keys - 1>`.
+    #[arg(long, default_value_t = 100_000)]
+    keys: usize,
+
+    /// Path prefix of the keys.
+    #[arg(long, default_value = "/2k/")]
+    prefix: String,
+
+    /// Requests in flight at once (keep-alive connections).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+
+    /// Limit on each request, body included (an error past it).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+
+    /// Ask for the keys from the last to the first: a second, reversed pass over a cache
+    /// that evicts the least recently used hits exactly the entries it still holds.
+    #[arg(long)]
+    reverse: bool,
+}
+
+fn main() -> Result<(), BoxError> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = cli.workers {
+        runtime.worker_threads(workers.max(1));
+    }
+    let runtime = runtime.build()?;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Upstream(args) => upstream(args).await,
+            Command::Stampede(args) => stampede(args).await,
+            Command::Fill(args) => fill(args).await,
+        }
+    });
+    // Connection tasks may still be parked on sockets; do not wait for them.
+    runtime.shutdown_background();
+    if let Err(e) = &result {
+        eprintln!("loadgen: {e}");
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------
+// upstream
+// ---------------------------------------------------------------------------------------
+
+/// The upstream's counters.
+#[derive(Default)]
+struct Counts {
+    total: AtomicU64,
+    per_path: Mutex<HashMap<String, u64>>,
+}
+
+/// The body size of `/2k/` paths.
+const TWO_K: usize = 2048;
+
+async fn upstream(args: UpstreamArgs) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let counts = Arc::new(Counts::default());
+    let delay = args.delay;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, usually: back off instead of spinning.
+                eprintln!("upstream: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let counts = counts.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            answer(req, counts.clone(), delay)
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+fn cacheable(mut res: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    res
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    counts: Arc<Counts>,
+    delay: Duration,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/__count" => {
+            let n = counts.total.load(Ordering::SeqCst);
+            return Ok(text(StatusCode::OK, format!("{n}\n")));
+        }
+        "/__reset" => {
+            let n = counts.total.swap(0, Ordering::SeqCst);
+            counts
+                .per_path
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            return Ok(text(StatusCode::OK, format!("{n}\n")));
+        }
+        p if p.starts_with("/__") => return Ok(cacheable(text(StatusCode::OK, "ok\n"))),
+        _ => {}
+    }
+    counts.total.fetch_add(1, Ordering::SeqCst);
+    let n = {
+        let mut per_path = counts.per_path.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_path.entry(path.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let mut body = format!("{path} #{n}");
+    if path.starts_with("/2k/") {
+        body.push('\n');
+        // The paths are ASCII, so any cut is on a character boundary.
+        body.truncate(TWO_K);
+        let pad = TWO_K - body.len();
+        body.extend(std::iter::repeat_n('.', pad));
+    }
+    Ok(cacheable(text(StatusCode::OK, body)))
+}
+
+// ---------------------------------------------------------------------------------------
+// stampede
+// ---------------------------------------------------------------------------------------
+
+/// One target: where to connect and what to put in `Host`.
+#[derive(Clone, Debug)]
+struct Target {
+    authority: String,
+    host: HeaderValue,
+}
+
+impl Target {
+    fn parse(uri: &Uri) -> Result<Target, BoxError> {
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("{uri}: only http:// targets are supported").into());
+        }
+        let authority = uri.authority().ok_or_else(|| format!("{uri}: no host"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        let authority = format!("{}:{port}", authority.host());
+        Ok(Target {
+            host: HeaderValue::from_str(&authority)?,
+            authority,
+        })
+    }
+}
+
+/// One client's connection.
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// What one client saw.
+struct Outcome {
+    key: usize,
+    target: usize,
+    result: Result<Answer, String>,
+}
+
+struct Answer {
+    latency: Duration,
+    status: StatusCode,
+    cache_status: String,
+    body: Bytes,
+}
+
+async fn connect(target: &Target) -> Result<Sender, String> {
+    let mut last = String::new();
+    // A burst of connects can overflow a listen backlog; a dropped SYN is retried.
+    for _ in 0..3 {
+        let stream = match tokio::time::timeout(
+            Duration::from_secs(5),
+            TcpStream::connect(&target.authority),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                last = format!("connect {}: {e}", target.authority);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(_) => {
+                last = format!("connect {}: timed out", target.authority);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(sender);
+    }
+    Err(last)
+}
+
+/// Sends one `GET path` on `sender` and reads the whole answer.
+async fn request(
+    sender: &mut Sender,
+    target: &Target,
+    path: &str,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let started = Instant::now();
+    let req = Request::get(path)
+        .header(header::HOST, target.host.clone())
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let (parts, body) = res.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        let cache_status = ["cache-status", "x-cache-status"]
+            .iter()
+            .find_map(|name| parts.headers.get(*name))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        Ok::<_, String>(Answer {
+            latency: started.elapsed(),
+            status: parts.status,
+            cache_status,
+            body,
+        })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(answer) => answer,
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+fn run_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{:x}{:x}", nanos, std::process::id())
+}
+
+/// The value at quantile `q` of sorted samples (nearest rank).
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `N× label (p50 X ms, max Y ms) | ...` for groups of latencies.
+fn summaries(groups: BTreeMap<String, Vec<Duration>>) -> String {
+    groups
+        .into_iter()
+        .map(|(label, mut l)| {
+            l.sort();
+            format!(
+                "{}× {label} (p50 {:.1} ms, max {:.1} ms)",
+                l.len(),
+                ms(percentile(&l, 0.5)),
+                ms(l.last().copied().unwrap_or_default()),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
+    if args.clients == 0 || args.keys == 0 {
+        return Err("--clients and --keys must be at least 1".into());
+    }
+    let targets = args
+        .targets
+        .iter()
+        .map(Target::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let run = args.run_id.clone().unwrap_or_else(run_id);
+    let connecting = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    // The clients and this task: the clock starts once everybody is connected.
+    let barrier = Arc::new(Barrier::new(args.clients + 1));
+    let setup_failed = Arc::new(AtomicUsize::new(0));
+
+    let n_targets = targets.len();
+    let mut tasks = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let target = targets[i % n_targets].clone();
+        let key = i % args.keys;
+        let path = format!("{}{key}-{run}", args.prefix);
+        let (connecting, barrier, setup_failed) =
+            (connecting.clone(), barrier.clone(), setup_failed.clone());
+        let timeout = args.timeout;
+        tasks.push(tokio::spawn(async move {
+            // Set up: open the connection and use it once, a few clients at a time.
+            let ready = async {
+                let _permit = connecting.acquire().await.map_err(|e| e.to_string())?;
+                let mut sender = connect(&target).await?;
+                let warm = request(&mut sender, &target, "/__warm", timeout).await?;
+                if warm.status != StatusCode::OK {
+                    return Err(format!("warm-up: {}", warm.status));
+                }
+                Ok::<_, String>(sender)
+            }
+            .await;
+            if ready.is_err() {
+                setup_failed.fetch_add(1, Ordering::SeqCst);
+            }
+            barrier.wait().await;
+            let result = match ready {
+                Ok(mut sender) => request(&mut sender, &target, &path, timeout).await,
+                Err(e) => Err(format!("setup: {e}")),
+            };
+            Outcome {
+                key,
+                target: i % n_targets,
+                result,
+            }
+        }));
+    }
+    let setup_started = Instant::now();
+    barrier.wait().await;
+    let setup = setup_started.elapsed();
+
+    let mut latencies = Vec::with_capacity(args.clients);
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    // Latencies by Cache-Status and by target.
+    let mut statuses: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let mut per_target: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
+    let mut bodies: HashMap<usize, HashSet<Bytes>> = HashMap::new();
+    for task in tasks {
+        let outcome = task.await?;
+        match outcome.result {
+            Ok(answer) if answer.status == StatusCode::OK => {
+                latencies.push(answer.latency);
+                let label = if answer.cache_status.is_empty() {
+                    "-".to_owned()
+                } else {
+                    answer.cache_status
+                };
+                statuses.entry(label).or_default().push(answer.latency);
+                per_target
+                    .entry(outcome.target)
+                    .or_default()
+                    .push(answer.latency);
+                bodies.entry(outcome.key).or_default().insert(answer.body);
+            }
+            Ok(answer) => {
+                *errors
+                    .entry(format!("status {}", answer.status))
+                    .or_default() += 1
+            }
+            Err(e) => *errors.entry(e).or_default() += 1,
+        }
+    }
+    latencies.sort();
+    let ok = latencies.len();
+    let failed = args.clients - ok;
+    let distinct: usize = bodies.values().map(HashSet::len).sum();
+    println!(
+        "clients={} keys={} ok={ok} errors={failed} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} \
+         min_ms={:.1} distinct_bodies={distinct} setup_ms={:.0} run={run}",
+        args.clients,
+        args.keys,
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or_default()),
+        ms(latencies.first().copied().unwrap_or_default()),
+        ms(setup),
+    );
+    eprintln!("cache-status: {}", summaries(statuses));
+    let per_target = per_target
+        .into_iter()
+        .map(|(t, l)| (targets[t].authority.clone(), l))
+        .collect();
+    eprintln!("by target: {}", summaries(per_target));
+    for (e, n) in &errors {
+        eprintln!("error ×{n}: {e}");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// fill
+// ---------------------------------------------------------------------------------------
+
+async fn fill(args: FillArgs) -> Result<(), BoxError> {
+    let target = Target::parse(&args.target)?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(args.concurrency.max(1) * 2)
+        .build(connector);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency.max(1) {
+        let (client, next, target) = (client.clone(), next.clone(), target.clone());
+        let (keys, prefix, timeout, reverse) =
+            (args.keys, args.prefix.clone(), args.timeout, args.reverse);
+        workers.push(tokio::spawn(async move {
+            let (mut done, mut hits, mut bytes) = (0usize, 0usize, 0usize);
+            let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    break;
+                }
+                let i = if reverse { keys - 1 - i } else { i };
+                let uri = format!("http://{}{prefix}{i}", target.authority);
+                let exchange = async {
+                    let res = client
+                        .request(
+                            Request::get(uri)
+                                .body(Empty::new())
+                                .map_err(|e| e.to_string())?,
+                        )
+                        .await
+                        .map_err(|e| format!("request: {e}"))?;
+                    let (parts, body) = res.into_parts();
+                    let body = body.collect().await.map_err(|e| format!("body: {e}"))?;
+                    Ok::<_, String>((parts, body.to_bytes()))
+                };
+                match tokio::time::timeout(timeout, exchange).await {
+                    Ok(Ok((parts, body))) if parts.status == StatusCode::OK => {
+                        done += 1;
+                        bytes += body.len();
+                        let hit = parts
+                            .headers
+                            .get("cache-status")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.contains("; hit"));
+                        hits += usize::from(hit);
+                    }
+                    Ok(Ok((parts, _))) => {
+                        *errors
+                            .entry(format!("status {}", parts.status))
+                            .or_default() += 1
+                    }
+                    Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+                    Err(_) => *errors.entry("timed out".to_owned()).or_default() += 1,
+                }
+            }
+            (done, hits, bytes, errors)
+        }));
+    }
+    let (mut done, mut hits, mut bytes) = (0, 0, 0);
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for worker in workers {
+        let (d, h, b, e) = worker.await?;
+        done += d;
+        hits += h;
+        bytes += b;
+        for (what, n) in e {
+            *errors.entry(what).or_default() += n;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let failed: usize = errors.values().sum();
+    println!(
+        "keys={} done={done} errors={failed} hits={hits} body_bytes={bytes} secs={secs:.1} rps={:.0}",
+        args.keys,
+        done as f64 / secs.max(1e-9),
+    );
+    for (e, n) in &errors {
+        eprintln!("error ×{n}: {e}");
+    }
+    Ok(())
+}
