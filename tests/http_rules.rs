@@ -1036,6 +1036,7 @@ async fn conditional_and_range_requests_never_poison_the_key_for_the_fleet() {
         cache_status(&res)
     );
     assert!(text(res).await.is_empty());
+    server.wait_for_keys("stampede:*:v", 1).await;
     let res = b.clone().oneshot(get("/doc")).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(cache_status(&res).contains("hit"), "{}", cache_status(&res));
