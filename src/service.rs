@@ -151,7 +151,7 @@ where
 {
     let (mut parts, body) = req.into_parts();
     let key = match shared.key_for(&mut parts) {
-        Ok(key) => Arc::new(key),
+        Ok(key) => key,
         Err(outcome) => {
             shared.counters.incr(Event::bypassed);
             return Box::pin(forward(
@@ -182,13 +182,13 @@ where
             if let Some(beta) = shared.cfg.early_refresh {
                 let r = 1.0 - rand::random::<f64>();
                 if entry.refresh_early(now, beta, r) {
-                    spawn_refresh(&shared, key, req, svc, entry.clone());
+                    spawn_refresh(&shared, Arc::new(key), req, svc, entry.clone());
                 }
             }
             return Ok(shared.respond(&entry, Outcome::HitMemory, ask));
         }
         if entry.is_revalidatable_at(now) {
-            spawn_refresh(&shared, key, req, svc, entry.clone());
+            spawn_refresh(&shared, Arc::new(key), req, svc, entry.clone());
             return Ok(shared.respond(&entry, Outcome::Stale, ask));
         }
         // Past the revalidation window: a miss, with this copy kept for stale-if-error.
@@ -202,7 +202,16 @@ where
     shared.counters.incr(Event::misses);
     // The miss path is boxed on its own: its state is large, and a hit should not carry
     // (and move) it.
-    Box::pin(miss(shared, key, req, svc, fallback, head, if_none_match)).await
+    Box::pin(miss(
+        shared,
+        Arc::new(key),
+        req,
+        svc,
+        fallback,
+        head,
+        if_none_match,
+    ))
+    .await
 }
 
 /// The miss path: one flight per key in this process, on moka's own coalescing. The leader
