@@ -237,6 +237,8 @@ pub(crate) fn spawn_refresh<S, ReqB, B>(
     if shared.refreshing.contains_key(&key.hash) {
         return;
     }
+    // The refresh may land on another node: hear about it.
+    shared.ensure_subscriber();
     let shared = shared.clone();
     tokio::spawn(async move {
         if !shared

@@ -87,6 +87,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The key of a request, or why it bypasses the cache.
+    ///
     /// A `HEAD` is keyed (and filled) as the `GET` it describes, as Varnish does: one entry
     /// answers both.
     pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<Key, Outcome> {
