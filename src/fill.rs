@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
@@ -33,8 +33,13 @@ pub(crate) enum Filled<B, E> {
     Entry(Arc<Entry>, Outcome),
     /// The answer could not be stored: the leader's own answer, streamed.
     Pass(Result<Response<StampedeBody<B>>, E>, Outcome),
-    /// The inner call failed (its error, if it returned one), panicked or timed out.
-    Failed(Option<E>),
+    /// The upstream answered an error (5xx or 429) that is not stored: the leader gets it
+    /// streamed, the requests waiting on this attempt get its status.
+    Error(Response<StampedeBody<B>>, StatusCode),
+    /// The inner call failed (its error, if it returned one), panicked or timed out; or,
+    /// for a request that waited on another node, that node's attempt failed. The status
+    /// is what the callers that get no error are answered: 502, or 504 for a timeout.
+    Failed(Option<E>, StatusCode),
     /// A fail-closed policy refused the request.
     Refused(Outcome),
 }
@@ -58,6 +63,8 @@ enum Contend {
     Pass,
     Lead(Held),
     Refuse(Outcome),
+    /// The attempt this request waited on (on another node) failed with this status.
+    Failed(StatusCode),
 }
 
 /// The inner call's result, before storing.
@@ -68,16 +75,21 @@ enum Led<B, E> {
         fresh: Freshness,
     },
     Uncacheable(Response<StampedeBody<B>>, Reason),
-    Failed(Option<E>),
+    Failed(Option<E>, StatusCode),
 }
 
 impl<B, E> Led<B, E> {
     /// The upstream answered 5xx.
     fn is_server_error(&self) -> bool {
+        self.status().is_some_and(|s| s.is_server_error())
+    }
+
+    /// The status the upstream answered, if it answered.
+    fn status(&self) -> Option<StatusCode> {
         match self {
-            Led::Cacheable { head, .. } => head.status.is_server_error(),
-            Led::Uncacheable(res, _) => res.status().is_server_error(),
-            Led::Failed(_) => false,
+            Led::Cacheable { head, .. } => Some(head.status),
+            Led::Uncacheable(res, _) => Some(res.status()),
+            Led::Failed(..) => None,
         }
     }
 }
@@ -146,6 +158,14 @@ pub(crate) async fn fill<S, ReqB, B>(
         Contend::Refuse(outcome) => {
             return hand(&shared, &key, reply, Filled::Refused(outcome)).await
         }
+        Contend::Failed(status) => {
+            shared.counters.incr(Event::upstream_failures);
+            let filled = match usable(fallback) {
+                Some(stale) => Filled::Entry(stale, Outcome::StaleIfError),
+                None => Filled::Failed(None, status),
+            };
+            return hand(&shared, &key, reply, filled).await;
+        }
         Contend::Lead(held) => held,
     };
 
@@ -160,7 +180,8 @@ pub(crate) async fn fill<S, ReqB, B>(
                 Filled::Entry(stale, Outcome::StaleIfError),
             )
             .await;
-            return finish(&shared, &key, &token, held, lost, None).await;
+            let status = led.status().unwrap_or(StatusCode::BAD_GATEWAY);
+            return fail(&shared, &key, &token, held, status).await;
         }
     }
     match led {
@@ -175,6 +196,15 @@ pub(crate) async fn fill<S, ReqB, B>(
             .await;
             let ttl = entry.time_to_live(now_ms());
             finish(&shared, &key, &token, held, lost, Some((&entry, ttl))).await;
+        }
+        Led::Uncacheable(res, reason) if crate::wake::is_shared_error(res.status()) => {
+            // Not stored, and no hit-for-pass either: a failing upstream stays coalesced.
+            // The waiters of this attempt, here and on other nodes, get its status.
+            tracing::debug!(key = %key.short(), reason, status = %res.status(), "upstream error not stored");
+            shared.counters.incr(Event::uncacheable);
+            let status = res.status();
+            fail(&shared, &key, &token, held, status).await;
+            hand(&shared, &key, reply, Filled::Error(res, status)).await;
         }
         Led::Uncacheable(res, reason) => {
             tracing::debug!(key = %key.short(), reason, "answer not stored; hit-for-pass");
@@ -207,14 +237,17 @@ pub(crate) async fn fill<S, ReqB, B>(
             let marker = marker.as_ref().map(|m| (m, shared.cfg.hit_for_pass));
             finish(&shared, &key, &token, held, lost, marker).await;
         }
-        Led::Failed(err) => {
+        Led::Failed(err, status) => {
             shared.counters.incr(Event::upstream_failures);
-            // Release first: the waiters that take over must find the lock free.
-            finish(&shared, &key, &token, held, lost, None).await;
             let filled = match usable(fallback) {
                 Some(stale) => Filled::Entry(stale, Outcome::StaleIfError),
-                None => Filled::Failed(err),
+                None => Filled::Failed(err, status),
             };
+            // This process's followers share the outcome through the flight; the fleet's
+            // waiters through the wake-up and a short failure marker, so that nobody
+            // starts a second attempt on behalf of this one. Released first: the next
+            // request, from anywhere, starts a fresh attempt.
+            fail(&shared, &key, &token, held, status).await;
             hand(&shared, &key, reply, filled).await;
         }
     }
@@ -342,8 +375,8 @@ where
             shared.l1.invalidate(&key.hash).await;
             true
         }
-        Led::Uncacheable(..) | Led::Failed(_) => {
-            if matches!(led, Led::Failed(_)) {
+        Led::Uncacheable(..) | Led::Failed(..) => {
+            if matches!(led, Led::Failed(..)) {
                 shared.counters.incr(Event::upstream_failures);
             }
             finish(shared, key, &token, held, lost, None).await;
@@ -472,8 +505,12 @@ async fn contend_redis(
                     _ = &mut notified => true,
                     _ = tokio::time::sleep(pause) => false,
                 };
-                // A wake-up that carries the value saves the read.
+                // A wake-up that carries the value saves the read; one that says the
+                // attempt failed is that attempt's answer for this request too.
                 if let Some(bytes) = woken.then(|| waiting.value()).flatten() {
+                    if let Some(status) = crate::wake::failure_status(&bytes) {
+                        return Contend::Failed(status);
+                    }
                     if let Some(decided) = judge(bytes, key, true, fallback) {
                         return decided.counted(shared);
                     }
@@ -584,7 +621,7 @@ where
 {
     let res = match svc.call(req).await {
         Ok(res) => res,
-        Err(e) => return Led::Failed(Some(e)),
+        Err(e) => return Led::Failed(Some(e), StatusCode::BAD_GATEWAY),
     };
     let (head, body) = res.into_parts();
     let fresh = match shared
@@ -610,7 +647,7 @@ where
             Some(Err(e)) => {
                 let e: BoxError = e.into();
                 tracing::warn!(error = %e, "inner body failed while buffering");
-                return Led::Failed(None);
+                return Led::Failed(None, StatusCode::BAD_GATEWAY);
             }
             Some(Ok(frame)) => {
                 let trailers = frame.is_trailers();
@@ -675,13 +712,13 @@ async fn guarded<B, E>(
             out = &mut call => {
                 let led = out.unwrap_or_else(|_| {
                     tracing::error!(key = %key.short(), "inner service panicked during a fill");
-                    Led::Failed(None)
+                    Led::Failed(None, StatusCode::BAD_GATEWAY)
                 });
                 return (led, lost);
             }
             _ = &mut deadline => {
                 tracing::warn!(key = %key.short(), timeout = ?shared.cfg.upstream_timeout, "inner call timed out");
-                return (Led::Failed(None), lost);
+                return (Led::Failed(None, StatusCode::GATEWAY_TIMEOUT), lost);
             }
             _ = tick.tick(), if extending && !lost => {
                 let kept = match (held, &shared.redis) {
@@ -735,6 +772,28 @@ async fn finish(
         (Held::Local, _) => {
             shared.local_locks.release(key.hash, token);
             shared.wakers.wake(&key.hash, None);
+        }
+        _ => {}
+    }
+}
+
+/// Ends a failed fill: the lock is released and the fleet's waiters are told, by the
+/// wake-up and by a failure marker that outlives it briefly (for waiters whose wake-up was
+/// lost), that this attempt failed; they answer with its outcome instead of retrying.
+async fn fail(shared: &Shared, key: &Key, token: &str, held: Held, status: StatusCode) {
+    match (held, &shared.redis) {
+        (Held::Redis, Some(redis)) => {
+            let marker_ttl = shared
+                .cfg
+                .upstream_timeout
+                .min(crate::wake::FAILURE_MARKER_MAX);
+            if let Err(e) = redis.fail_release(key, token, status, marker_ttl).await {
+                shared.counters.incr(Event::redis_errors);
+                tracing::debug!(key = %key.short(), error = %e, "failure release failed; the lease will expire");
+            }
+        }
+        (Held::Nothing { store: true }, Some(_)) | (Held::Local, _) => {
+            finish(shared, key, token, held, false, None).await;
         }
         _ => {}
     }

@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) local_locks: LocalLocks,
     pub(crate) wakers: Arc<Wakers>,
     pub(crate) counters: Counters,
+    /// The in-process bound, `l1_capacity`.
+    capacity: u64,
     subscriber_started: AtomicBool,
     subscriber_shutdown: Mutex<Option<oneshot::Receiver<()>>>,
     _shutdown: oneshot::Sender<()>,
@@ -141,6 +143,14 @@ impl Shared {
     /// request reads the new value from Redis).
     pub(crate) async fn on_wake(&self, hash: [u8; 32], value: Option<bytes::Bytes>) {
         self.wakers.wake(&hash, value.clone());
+        if value
+            .as_deref()
+            .is_some_and(|v| crate::wake::failure_status(v).is_some())
+        {
+            // An attempt failed: its waiters have their answer, and a stale copy stays
+            // for stale-if-error.
+            return;
+        }
         if let Some(stale) = self
             .l1
             .get(&hash)
@@ -156,6 +166,42 @@ impl Shared {
             }
         }
         self.refreshing.invalidate(&hash).await;
+    }
+}
+
+/// The share of `l1_capacity` kept for the hit-for-pass and refresh markers: one
+/// sixteenth, half for each.
+const MARKER_SHARE: u64 = 16;
+
+/// What one marker costs in memory: the 32-byte key and moka's node, its slot in the
+/// hash table and the per-entry bookkeeping (about 140 bytes measured per marker in RSS;
+/// rounded up).
+const MARKER_WEIGHT: u32 = 160;
+
+/// What one node's in-process memory holds, by the weights its bound counts.
+///
+/// Taken with [`StampedeLayer::memory`]. Every structure that grows with the number of
+/// keys counts toward [`StampedeBuilder::l1_capacity`]; `bytes() <= capacity` always
+/// holds once the cache's pending evictions have run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Memory {
+    /// Cached answers in L1.
+    pub l1_entries: u64,
+    /// Their weight: bodies, keys and headers plus the per-entry allowance.
+    pub l1_bytes: u64,
+    /// Hit-for-pass and refresh markers.
+    pub marker_entries: u64,
+    /// Their weight.
+    pub marker_bytes: u64,
+    /// The bound: [`StampedeBuilder::l1_capacity`].
+    pub capacity: u64,
+}
+
+impl Memory {
+    /// Everything counted, in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.l1_bytes + self.marker_bytes
     }
 }
 
@@ -216,6 +262,37 @@ impl StampedeLayer {
     /// A snapshot of this node's counters.
     pub fn stats(&self) -> Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// What this node's in-process memory holds, after running the cache's pending
+    /// maintenance (evictions, expiries) so the figures are current.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = tower_stampede::StampedeLayer::builder().l1_capacity(1 << 20).build();
+    /// let memory = layer.memory().await;
+    /// assert_eq!(memory.capacity, 1 << 20);
+    /// assert!(memory.bytes() <= memory.capacity);
+    /// # }
+    /// ```
+    pub async fn memory(&self) -> Memory {
+        let shared = &self.shared;
+        shared.l1.run_pending_tasks().await;
+        shared.refreshing.run_pending_tasks().await;
+        let mut memory = Memory {
+            l1_entries: shared.l1.entry_count(),
+            l1_bytes: shared.l1.weighted_size(),
+            marker_entries: shared.refreshing.entry_count(),
+            marker_bytes: shared.refreshing.weighted_size(),
+            capacity: shared.capacity,
+        };
+        if let Some(passes) = &shared.passes {
+            passes.run_pending_tasks().await;
+            memory.marker_entries += passes.entry_count();
+            memory.marker_bytes += passes.weighted_size();
+        }
+        memory
     }
 }
 
@@ -299,7 +376,9 @@ impl StampedeBuilder {
         self
     }
 
-    /// The in-process cache's bound, in bytes of keys, headers and bodies. Default 64 MiB.
+    /// The in-process bound, in bytes: cached answers (keys, headers and bodies plus a
+    /// per-entry allowance) and, in a sixteenth of it, the hit-for-pass and refresh
+    /// markers. See [`StampedeLayer::memory`]. Default 64 MiB.
     pub fn l1_capacity(mut self, bytes: u64) -> Self {
         self.l1_capacity = bytes;
         self
@@ -493,19 +572,24 @@ impl StampedeBuilder {
 
     /// Builds the layer. Nothing connects to Redis until the first request.
     pub fn build(self) -> StampedeLayer {
+        // The markers live inside the bound, not beside it: a flood of uncacheable URLs
+        // must not grow the process past `l1_capacity`.
+        let markers = self.l1_capacity / MARKER_SHARE;
         let l1 = Cache::builder()
-            .max_capacity(self.l1_capacity)
+            .max_capacity(self.l1_capacity - markers)
             .weigher(|_: &[u8; 32], v: &Arc<Entry>| v.weight())
             .expire_after(EntryExpiry)
             .build_with_hasher(PrehashedState::default());
         let passes = (!self.cfg.hit_for_pass.is_zero()).then(|| {
             Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(markers / 2)
+                .weigher(|_: &[u8; 32], _: &()| MARKER_WEIGHT)
                 .time_to_live(self.cfg.hit_for_pass)
                 .build_with_hasher(PrehashedState::default())
         });
         let refreshing = Cache::builder()
-            .max_capacity(100_000)
+            .max_capacity(markers / 2)
+            .weigher(|_: &[u8; 32], _: &()| MARKER_WEIGHT)
             .time_to_live(Duration::from_secs(1).max(self.cfg.poll_interval))
             .build_with_hasher(PrehashedState::default());
         let redis = match self.backend.0 {
@@ -533,6 +617,7 @@ impl StampedeBuilder {
                 local_locks: LocalLocks::default(),
                 wakers: Arc::new(Wakers::default()),
                 counters: Counters::new(),
+                capacity: self.l1_capacity,
                 subscriber_started: AtomicBool::new(false),
                 subscriber_shutdown: Mutex::new(Some(rx)),
                 _shutdown: tx,

@@ -23,7 +23,7 @@ pub use body::StampedeBody;
 pub use conn::BackendError;
 pub use future::ResponseFuture;
 pub use key::default_key;
-pub use layer::{Backend, StampedeBuilder, StampedeLayer};
+pub use layer::{Backend, Memory, StampedeBuilder, StampedeLayer};
 pub use policy::{FailurePolicy, PrivateRequests};
 pub use service::Stampede;
 pub use stats::Stats;

@@ -78,3 +78,21 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return held",
     )
 });
+
+/// Fail-release-publish, for a fill whose attempt failed. KEYS[1] lock, KEYS[2] failure
+/// marker; ARGV[1] token, ARGV[2] marker value, ARGV[3] marker ttl ms, ARGV[4] channel,
+/// ARGV[5] message. The marker tells the attempt's waiters whose wake-up was lost that it
+/// failed; a refused marker write (OOM) never skips the release or the wake-up.
+/// Returns 1 when the lock was still ours.
+pub(crate) static FAIL_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.pcall('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local held = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    held = 1
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return held",
+    )
+});

@@ -127,7 +127,7 @@ pub(crate) struct Ask<'a> {
 enum Leader<B, E> {
     Entry(Outcome),
     Response(Result<Response<StampedeBody<B>>, E>, Outcome),
-    Failed(Option<E>),
+    Failed(Option<E>, StatusCode),
     Refused(Outcome),
 }
 
@@ -135,7 +135,11 @@ enum Leader<B, E> {
 #[derive(Debug)]
 enum Flight {
     Pass,
-    Failed,
+    /// The one attempt failed: every follower gets its outcome, none starts another.
+    Failed(StatusCode),
+    /// The fill ended without any answer (it cannot, short of a bug): a follower may lead
+    /// the next attempt.
+    Vanished,
     Refused(Outcome),
 }
 
@@ -257,16 +261,23 @@ where
                     fallback.clone(),
                     reply,
                 ));
-                let filled = filled.await.unwrap_or_else(|_| {
+                let Ok(filled) = filled.await else {
                     tracing::error!("fill task ended without an answer");
-                    Filled::Failed(None)
-                });
+                    leader = Some(Leader::Failed(None, StatusCode::BAD_GATEWAY));
+                    return Err(Flight::Vanished);
+                };
                 let (result, learned) = match filled {
                     Filled::Entry(entry, outcome) => (Ok(entry), Leader::Entry(outcome)),
                     Filled::Pass(res, outcome) => {
                         (Err(Flight::Pass), Leader::Response(res, outcome))
                     }
-                    Filled::Failed(e) => (Err(Flight::Failed), Leader::Failed(e)),
+                    Filled::Error(res, status) => (
+                        Err(Flight::Failed(status)),
+                        Leader::Response(Ok(res), Outcome::Uncacheable),
+                    ),
+                    Filled::Failed(e, status) => {
+                        (Err(Flight::Failed(status)), Leader::Failed(e, status))
+                    }
                     Filled::Refused(outcome) => {
                         (Err(Flight::Refused(outcome)), Leader::Refused(outcome))
                     }
@@ -302,9 +313,9 @@ where
                 });
                 return res.map(|r| shared.stamp(r, outcome));
             }
-            (Err(_), Some(Leader::Failed(Some(e)))) => return Err(e),
-            (Err(_), Some(Leader::Failed(None))) => {
-                return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
+            (Err(_), Some(Leader::Failed(Some(e), _))) => return Err(e),
+            (Err(_), Some(Leader::Failed(None, status))) => {
+                return Ok(shared.error_response(status, Outcome::UpstreamFailed));
             }
             (Err(_), Some(Leader::Refused(outcome))) | (Err(_), Some(Leader::Entry(outcome))) => {
                 return Ok(shared.error_response(StatusCode::SERVICE_UNAVAILABLE, outcome));
@@ -318,7 +329,10 @@ where
                 Flight::Refused(outcome) => {
                     return Ok(shared.error_response(StatusCode::SERVICE_UNAVAILABLE, outcome));
                 }
-                Flight::Failed => {
+                Flight::Failed(status) => {
+                    return Ok(shared.error_response(status, Outcome::UpstreamFailed));
+                }
+                Flight::Vanished => {
                     failures += 1;
                     if failures > shared.cfg.max_takeovers {
                         return Ok(

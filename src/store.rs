@@ -61,6 +61,11 @@ impl RedisStore {
         format!("{}:{{{}}}:lock", self.prefix, key.hex())
     }
 
+    /// `prefix:{hash}:fail`: the short-lived marker of an attempt that failed.
+    pub(crate) fn fail_key(&self, key: &Key) -> String {
+        format!("{}:{{{}}}:fail", self.prefix, key.hex())
+    }
+
     pub(crate) async fn check_and_lock(
         &self,
         key: &Key,
@@ -140,6 +145,39 @@ impl RedisStore {
                     .arg(token)
                     .arg(&self.channel)
                     .arg(key.hex())
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Leaves a failure marker, releases (if still ours) and publishes the failure, for a
+    /// fill whose attempt failed. Returns whether the lock was still held.
+    pub(crate) async fn fail_release(
+        &self,
+        key: &Key,
+        token: &str,
+        status: http::StatusCode,
+        marker_ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let (lk, fk) = (self.lock_key(key), self.fail_key(key));
+        let tail = crate::wake::failure_tail(status);
+        let mut message = key.hex().into_bytes();
+        message.extend_from_slice(&tail);
+        let mut marker = tail;
+        marker.extend_from_slice(token.as_bytes());
+        let held: i64 = self
+            .conn
+            .run_always(|mut c| async move {
+                scripts::FAIL_RELEASE
+                    .key(lk)
+                    .key(fk)
+                    .arg(token)
+                    .arg(marker)
+                    .arg(millis(marker_ttl))
+                    .arg(&self.channel)
+                    .arg(message)
                     .invoke_async(&mut c)
                     .await
             })

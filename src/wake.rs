@@ -17,6 +17,35 @@ use crate::lock::jittered;
 /// nodes need no second round trip to read it.
 pub(crate) const INLINE_MAX: usize = 32 * 1024;
 
+/// What follows the key hash in the wake-up of a failed attempt: `!F` and the status the
+/// attempt's waiters answer with (`502`, or `504` for a timeout). Stored envelopes start
+/// with `TSE`, so the two cannot be confused.
+const FAILURE_TAG: &[u8; 2] = b"!F";
+
+/// The longest a failure marker stays in Redis: it is there for the waiters of the
+/// attempt that failed, whose wake-up was lost, never for the requests after them.
+pub(crate) const FAILURE_MARKER_MAX: Duration = Duration::from_secs(5);
+
+/// The tail of a failed attempt's wake-up message (and the failure marker's value).
+pub(crate) fn failure_tail(status: http::StatusCode) -> Vec<u8> {
+    let mut tail = FAILURE_TAG.to_vec();
+    tail.extend_from_slice(status.as_str().as_bytes());
+    tail
+}
+
+/// The status a wake-up's tail (or a failure marker) says the attempt failed with.
+pub(crate) fn failure_status(tail: &[u8]) -> Option<http::StatusCode> {
+    let code = tail.strip_prefix(FAILURE_TAG)?;
+    let status = http::StatusCode::from_bytes(code.get(..3)?).ok()?;
+    // Only error statuses: nothing from outside can make a waiter answer a success.
+    is_shared_error(status).then_some(status)
+}
+
+/// Answers that end an attempt as a failure shared with its waiters: 5xx and 429.
+pub(crate) fn is_shared_error(status: http::StatusCode) -> bool {
+    status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS
+}
+
 /// The fills of this process that wait on some key, by key hash.
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
@@ -140,5 +169,29 @@ pub(crate) async fn subscribe(
             _ = tokio::time::sleep(jittered(backoff, backoff / 2)) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_tails_round_trip_and_nothing_else_reads_as_one() {
+        for status in [
+            http::StatusCode::BAD_GATEWAY,
+            http::StatusCode::GATEWAY_TIMEOUT,
+        ] {
+            assert_eq!(failure_status(&failure_tail(status)), Some(status));
+        }
+        assert_eq!(failure_status(b"!F200"), None);
+        assert_eq!(failure_status(b"!F304"), None);
+        assert_eq!(
+            failure_status(b"!F429"),
+            Some(http::StatusCode::TOO_MANY_REQUESTS)
+        );
+        assert_eq!(failure_status(b"!F5"), None);
+        assert_eq!(failure_status(b"TSE\x01"), None);
+        assert_eq!(failure_status(b""), None);
     }
 }

@@ -181,13 +181,14 @@ async fn failing_upstream_answers_everyone(panic: bool) {
         assert!(errors >= 1, "the leader gets its own error");
     }
     let n = calls.load(Ordering::SeqCst);
-    // Per node: its first fill (which may take over another node's lock) plus one
-    // takeover by its waiters; never one call per request.
-    assert!((2..=6).contains(&n), "{n} upstream calls");
+    // One attempt: its failure is the answer of everyone waiting on it, on every node.
+    assert_eq!(n, 1, "{n} upstream calls");
     eprintln!("30 requests on a failing upstream across 3 nodes: {n} upstream calls");
 
     let mut conn = server.conn().await;
-    let keys: Vec<String> = conn.keys("stampede:*").await.unwrap();
+    let mut keys: Vec<String> = conn.keys("stampede:*").await.unwrap();
+    // The short failure marker of the attempt may remain, with its expiry.
+    keys.retain(|k| !k.ends_with(":fail"));
     assert!(keys.is_empty(), "nothing stored and no lock left: {keys:?}");
 }
 

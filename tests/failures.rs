@@ -1,0 +1,186 @@
+//! A failed fill is an answer for everyone waiting on it, on every node, and nothing the
+//! process keeps grows past its bound.
+
+mod support;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use redis::AsyncCommands;
+use support::{cache_status, get, RedisServer, Upstream};
+use tower::{Layer, ServiceExt};
+use tower_stampede::{Backend, StampedeBuilder, StampedeLayer};
+
+fn node(server: &RedisServer) -> StampedeBuilder {
+    StampedeLayer::builder()
+        .backend(Backend::redis(server.url()).unwrap())
+        .redis_timeout(Duration::from_secs(1))
+}
+
+/// A body that sends its first bytes and then nothing, ever: a slow-loris upstream.
+struct Stalled {
+    sent: bool,
+}
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.sent {
+            return Poll::Pending;
+        }
+        self.sent = true;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            b"the first bytes",
+        )))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_is_answered_once_for_every_waiter_on_every_node() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(800);
+    let layers: Vec<_> = (0..3)
+        .map(|_| node(&server).upstream_timeout(timeout).build())
+        .collect();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let calls = calls.clone();
+        tower::service_fn(move |_req: Request<Full<Bytes>>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Stalled { sent: false })) }
+        })
+    };
+    let services: Vec<_> = layers.iter().map(|l| l.layer(inner.clone())).collect();
+
+    let started = Arc::new(tokio::sync::Barrier::new(20));
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let svc = services[i % 3].clone();
+            let started = started.clone();
+            tokio::spawn(async move {
+                started.wait().await;
+                let at = Instant::now();
+                let res = svc.oneshot(get("/loris")).await.unwrap();
+                (res.status(), cache_status(&res), at.elapsed())
+            })
+        })
+        .collect();
+    let mut longest = Duration::ZERO;
+    for t in tasks {
+        let (status, cs, waited) = t.await.unwrap();
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{cs}");
+        assert!(cs.contains("upstream-failed"), "{cs}");
+        longest = longest.max(waited);
+    }
+    let n = calls.load(Ordering::SeqCst);
+    eprintln!(
+        "20 clients, 3 nodes, stalled upstream: {n} upstream call(s), longest wait {longest:?}"
+    );
+    assert_eq!(n, 1, "one attempt, its outcome shared: no chain of retries");
+    assert!(
+        longest < timeout * 2,
+        "a waiter waited {longest:?}, more than twice the upstream timeout"
+    );
+
+    // The lock is gone; the next request starts a fresh attempt.
+    server.wait_for_keys("stampede:*:lock", 0).await;
+    let res = services[1].clone().oneshot(get("/loris")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_waiters_share_is_not_a_retry_and_the_next_request_tries_again() {
+    let server = RedisServer::start();
+    let upstream = Upstream::new(Duration::from_millis(300));
+    upstream.fail(true);
+    // error_ttl 0: the 500 is shared with those waiting, not stored.
+    let layers: Vec<_> = (0..3)
+        .map(|_| node(&server).error_ttl(Duration::ZERO).build())
+        .collect();
+    let services: Vec<_> = layers.iter().map(|l| l.layer(upstream.service())).collect();
+    let results = support::stampede(&services, &["/down"], 30).await;
+    assert!(results
+        .iter()
+        .all(|r| r.1 == StatusCode::INTERNAL_SERVER_ERROR || r.1 == StatusCode::BAD_GATEWAY));
+    eprintln!(
+        "30 requests on 3 nodes, upstream answering 500: {} upstream calls",
+        upstream.calls()
+    );
+    assert!(
+        upstream.calls() <= 3,
+        "at most one call per node: {} calls",
+        upstream.calls()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_written_to_redis_expires() {
+    let server = RedisServer::start();
+    let ok = Upstream::new(Duration::ZERO);
+    let no_store = Upstream::new(Duration::ZERO).with_headers(&[("cache-control", "no-store")]);
+    let layer = node(&server)
+        .upstream_timeout(Duration::from_millis(300))
+        .build();
+    let stalled = tower::service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Stalled { sent: false }))
+    });
+    let _ = layer
+        .layer(ok.service())
+        .oneshot(get("/value"))
+        .await
+        .unwrap();
+    let _ = layer
+        .layer(no_store.service())
+        .oneshot(get("/pass"))
+        .await
+        .unwrap();
+    let _ = layer.layer(stalled).oneshot(get("/failed")).await.unwrap();
+    server.wait_for_keys("stampede:*:v", 2).await;
+    server.wait_for_keys("stampede:*:fail", 1).await;
+    let mut conn = server.conn().await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(keys.len() >= 3, "{keys:?}");
+    for key in keys {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(pttl > 0, "{key} has no expiry (PTTL {pttl})");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_for_pass_markers_count_toward_the_memory_bound() {
+    let capacity = 1 << 20;
+    let no_store = Upstream::new(Duration::ZERO).with_headers(&[("cache-control", "no-store")]);
+    let layer = StampedeLayer::builder()
+        .l1_capacity(capacity)
+        .hit_for_pass(Duration::from_secs(600))
+        .build();
+    let svc = layer.layer(no_store.service());
+    // 20,000 uncacheable URLs: unbounded markers would take about 3 MiB.
+    for i in 0..20_000 {
+        let res = svc.clone().oneshot(get(&format!("/n/{i}"))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let memory = layer.memory().await;
+    eprintln!("after 20,000 no-store URLs: {memory:?}");
+    assert!(memory.marker_entries > 0, "{memory:?}");
+    assert!(memory.bytes() <= capacity, "{memory:?}");
+    assert!(memory.marker_bytes <= capacity / 16, "{memory:?}");
+}
