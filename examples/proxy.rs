@@ -479,7 +479,7 @@ impl Origin {
 struct ClientAddr(SocketAddr);
 
 /// Marks a `GET`/`HEAD` whose body is announced by neither `Content-Length` nor
-/// `Transfer-Encoding` (HTTP/2): the key function skips it.
+/// `Transfer-Encoding` (HTTP/2): the key function skips it, and it goes upstream chunked.
 #[derive(Clone, Copy, Debug)]
 struct UnframedBody;
 
@@ -750,6 +750,13 @@ impl Forward {
         // The pooled connections are HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
+        if parts.extensions.get::<UnframedBody>().is_some() {
+            // Without this the client sends no body for a GET of unknown length.
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         parts.headers.insert(header::HOST, self.origin.host.clone());
         let peer = parts
             .extensions
@@ -890,7 +897,10 @@ mod tests {
         assert!(!ten.contains(ip("9.255.255.255")));
         // IPv4-mapped peers (a dual-stack listener) count as their IPv4 address.
         assert!(ten.contains(ip("::ffff:10.1.2.3")));
-        assert!(!ten.contains(ip("::a01:203")), "IPv4-compatible is not mapped");
+        assert!(
+            !ten.contains(ip("::a01:203")),
+            "IPv4-compatible is not mapped"
+        );
 
         let host = cidr("127.0.0.1");
         assert_eq!(host, cidr("127.0.0.1/32"));
@@ -923,8 +933,17 @@ mod tests {
         assert_eq!(cidr(" 10.0.0.0/8 "), ten);
 
         for bad in [
-            "", "/8", "10.0.0.0/", "10.0.0.0/33", "::/129", "10.0.0.0/+8", "10.0.0/8",
-            "example.com", "10.0.0.0/8/8", "10.0.0.0/-1", "[::1]/128",
+            "",
+            "/8",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/+8",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.0/8/8",
+            "10.0.0.0/-1",
+            "[::1]/128",
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} parsed");
         }
@@ -975,10 +994,18 @@ mod tests {
         // An IPv6 peer, and an IPv4-mapped one.
         let mut headers = HeaderMap::new();
         plain.apply(&mut headers, &Method::GET, Some(ip("2001:db8::7")), None);
-        assert_eq!(values(&headers, "forwarded"), ["for=\"[2001:db8::7]\";proto=http"]);
+        assert_eq!(
+            values(&headers, "forwarded"),
+            ["for=\"[2001:db8::7]\";proto=http"]
+        );
         assert_eq!(values(&headers, "x-forwarded-for"), ["2001:db8::7"]);
         let mut headers = HeaderMap::new();
-        plain.apply(&mut headers, &Method::GET, Some(ip("::ffff:10.0.0.9")), None);
+        plain.apply(
+            &mut headers,
+            &Method::GET,
+            Some(ip("::ffff:10.0.0.9")),
+            None,
+        );
         assert_eq!(values(&headers, "forwarded"), ["for=10.0.0.9;proto=http"]);
     }
 
@@ -1030,7 +1057,10 @@ mod tests {
         let headers = sent(
             &operator,
             Method::GET,
-            &[("x-forwarded-host", "tenant.example"), ("x-original-url", "/a")],
+            &[
+                ("x-forwarded-host", "tenant.example"),
+                ("x-original-url", "/a"),
+            ],
         );
         assert_eq!(values(&headers, "x-forwarded-host"), ["tenant.example"]);
         assert_eq!(values(&headers, "x-original-url"), ["/a"]);

@@ -506,12 +506,22 @@ mod tests {
             (Method::HEAD, &[("content-length", "1")]),
             (Method::GET, &[("transfer-encoding", "chunked")]),
             (Method::GET, &[("transfer-encoding", "identity")]),
-            (Method::GET, &[("content-length", "0"), ("content-length", "7")]),
+            (
+                Method::GET,
+                &[("content-length", "0"), ("content-length", "7")],
+            ),
             (Method::GET, &[("content-length", "+0x")]),
             (Method::GET, &[("content-length", "")]),
-            (Method::GET, &[("content-length", "0"), ("transfer-encoding", "chunked")]),
+            (
+                Method::GET,
+                &[("content-length", "0"), ("transfer-encoding", "chunked")],
+            ),
         ] {
-            assert_eq!(rules.check_request(&method, &headers(pairs)), body, "{pairs:?}");
+            assert_eq!(
+                rules.check_request(&method, &headers(pairs)),
+                body,
+                "{pairs:?}"
+            );
         }
         let mut odd = headers(&[]);
         odd.insert("content-length", HeaderValue::from_bytes(b"\xff").unwrap());
