@@ -28,13 +28,32 @@
 //! * removes hop-by-hop headers (`Connection` and the headers it names, `Keep-Alive`,
 //!   `Proxy-Authenticate`, `Proxy-Authorization`, `TE`, `Trailer`, `Transfer-Encoding`,
 //!   `Upgrade`) in both directions, so protocol upgrades (WebSocket) are not proxied;
-//! * appends the client's IP to `X-Forwarded-For` and sets `X-Forwarded-Proto: http`;
+//! * builds the forwarding headers itself, from the connection: `X-Forwarded-For: <peer
+//!   IP>`, `X-Forwarded-Proto: http` and `Forwarded: for=<peer>;proto=http` (RFC 7239, an
+//!   IPv6 peer quoted in brackets), and drops every forwarding header the client sent
+//!   ([`FORWARDING_HEADERS`]: `X-Forwarded-*`, `Forwarded`, `X-Real-IP`, `X-Host`, ...):
+//!   the key does not hold them, so a value one client sent would be stored and served to
+//!   everyone. Only from a peer inside `--trusted-proxies` are the `X-Forwarded-For` and
+//!   `Forwarded` chains kept, with this hop appended;
+//! * sends `X-Forwarded-Host` only with `--key-host`, which also puts the client's `Host`
+//!   into the key (two hosts never share an entry); without it the client's `Host` reaches
+//!   the upstream in no header at all;
+//! * drops the URL rewrite and method override headers ([`REWRITE_HEADERS`]:
+//!   `X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`, ...) from `GET`/`HEAD`
+//!   requests, which would otherwise store one resource's answer under another's key;
+//! * forwards a header named by `--forward-header` as the client sent it (for
+//!   `X-Forwarded-For` and `Forwarded`, with this hop appended), even one of the lists
+//!   above, and keys on its value, so answers that `Vary` on it are stored too;
+//! * sends a `GET`/`HEAD` that carries a body straight to the upstream, never cached nor
+//!   coalesced (`Cache-Status: ...; fwd=bypass; detail=request-body`, or `detail=key` for
+//!   an HTTP/2 body announced by neither `Content-Length` nor `Transfer-Encoding`);
 //! * streams bodies both ways (the layer buffers only answers it stores, up to
 //!   `--max-body`; bigger ones stream through and are not stored);
 //! * answers `502 Bad Gateway` when the upstream cannot be reached and `504 Gateway
 //!   Timeout` when its response head does not arrive within `--upstream-timeout`;
-//! * keys the cache on method, upstream and path+query, never on the `Host` the client
-//!   used, so proxies reached under different names or ports coalesce together;
+//! * keys the cache on method, upstream and path+query (plus the `--forward-header`
+//!   values), never on the `Host` the client used unless `--key-host` says so, so proxies
+//!   reached under different names or ports coalesce together;
 //! * serves HTTP/1.1 and HTTP/2 (prior knowledge), shuts down gracefully on SIGINT/SIGTERM,
 //!   and logs through `tracing` (filter with `RUST_LOG`, default `info`).
 //!
@@ -53,10 +72,10 @@ use bytes::Bytes;
 use clap::Parser;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -138,6 +157,23 @@ struct Args {
     /// Tokio worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+
+    /// Peers (CIDR blocks or addresses, comma separated: `10.0.0.0/8,::1`) whose
+    /// `X-Forwarded-For` and `Forwarded` chains are kept, with this hop appended. From any
+    /// other peer those headers are replaced by ones built from the connection. A trusted
+    /// proxy must drop what its own clients send: the chain is not part of the key.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    trusted_proxies: Vec<Cidr>,
+
+    /// Put the client's `Host` into the key (two hosts never share an entry) and send it
+    /// upstream as `X-Forwarded-Host`. Without it the client's `Host` is not used.
+    #[arg(long)]
+    key_host: bool,
+
+    /// A request header to forward as the client sent it (repeatable, or comma separated),
+    /// even one the proxy drops otherwise; its value becomes part of the key.
+    #[arg(long = "forward-header", value_delimiter = ',', value_name = "NAME", value_parser = parse_forward_header)]
+    forward_headers: Vec<HeaderName>,
 }
 
 fn main() -> Result<(), BoxError> {
@@ -180,6 +216,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
 
     let origin_key = origin.base.clone();
+    let key_host = args.key_host;
     let layer = StampedeLayer::builder()
         .backend(backend)
         .prefix(args.prefix.clone())
@@ -195,13 +232,29 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .upstream_timeout(args.upstream_timeout.saturating_mul(2))
         // The key must not depend on the Host the client used: every proxy of the fleet
         // (whatever its name or port) forwards to the same upstream.
+        // With `--key-host` the client's Host is forwarded, so the key holds it.
         .key_fn(move |parts| {
+            if parts.extensions.get::<UnframedBody>().is_some() {
+                return None;
+            }
             let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            Some(format!("{} {origin_key}{pq}", parts.method))
+            let mut key = format!("{} {origin_key}{pq}", parts.method);
+            if key_host {
+                key.push_str("\nhost:");
+                key.push_str(client_host(parts).as_deref().unwrap_or(""));
+            }
+            Some(key)
         })
+        // The headers forwarded as the client sent them are keyed.
+        .vary(args.forward_headers.clone())
         .build();
 
-    let forward = Forward::new(origin, args.upstream_timeout);
+    let forwarding = Forwarding {
+        trusted: args.trusted_proxies.clone(),
+        key_host: args.key_host,
+        operator: args.forward_headers.clone(),
+    };
+    let forward = Forward::new(origin, args.upstream_timeout, forwarding);
     let stack = layer.layer(forward);
 
     let listener = TcpListener::bind(args.listen).await?;
@@ -214,6 +267,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
         max_body = args.max_body,
         upstream_timeout = ?args.upstream_timeout,
         redis_timeout = ?args.redis_timeout,
+        trusted_proxies = ?args.trusted_proxies,
+        key_host = args.key_host,
+        forward_headers = ?args.forward_headers,
         "proxy ready"
     );
     // A stable line: tests and scripts read the bound address from it.
@@ -240,6 +296,15 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 let stack = stack.clone();
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(ClientAddr(peer));
+                    // An HTTP/2 body may come without `Content-Length`, where the layer
+                    // cannot see it: such a GET/HEAD is not keyed either.
+                    if matches!(*req.method(), Method::GET | Method::HEAD)
+                        && !req.body().is_end_stream()
+                        && !req.headers().contains_key(header::CONTENT_LENGTH)
+                        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+                    {
+                        req.extensions_mut().insert(UnframedBody);
+                    }
                     stack.clone().oneshot(req)
                 });
                 let conn = server.serve_connection(TokioIo::new(stream), service).into_owned();
@@ -413,6 +478,237 @@ impl Origin {
 #[derive(Clone, Copy, Debug)]
 struct ClientAddr(SocketAddr);
 
+/// Marks a `GET`/`HEAD` whose body is announced by neither `Content-Length` nor
+/// `Transfer-Encoding` (HTTP/2): the key function skips it, and it goes upstream chunked.
+#[derive(Clone, Copy, Debug)]
+struct UnframedBody;
+
+/// The `Host` the client asked for (the request target's authority, else the `Host`
+/// header), lowercased: what `--key-host` keys on and sends as `X-Forwarded-Host`.
+fn client_host(parts: &http::request::Parts) -> Option<String> {
+    let host = match parts.uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+    };
+    let host = host.rsplit('@').next().unwrap_or(host).trim();
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Forwarding headers a client may send, dropped from every request unless named by
+/// `--forward-header`: the key does not hold them, so an upstream that builds links,
+/// redirects or decisions from one of them would store one client's value for everyone.
+/// The proxy sets `X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded` (and, with
+/// `--key-host`, `X-Forwarded-Host`) itself.
+const FORWARDING_HEADERS: [&str; 34] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-protocol",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-uri",
+    "x-forwarded-by",
+    "x-forwarded-client-cert",
+    "x-forwarded",
+    "forwarded-for",
+    "x-original-forwarded-for",
+    "x-real-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "x-proxyuser-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-host",
+    "x-original-host",
+    "x-forwarded-host-override",
+    "x-http-host-override",
+    "x-url-scheme",
+    "x-scheme",
+    "front-end-https",
+    "x-arr-ssl",
+    "x-envoy-external-address",
+    "x-envoy-original-path",
+];
+
+/// URL rewrite and method override headers, dropped from `GET`/`HEAD` requests unless
+/// named by `--forward-header`: an upstream that honours one answers for another resource
+/// or method, stored under this request's key.
+const REWRITE_HEADERS: [&str; 6] = [
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// A `--forward-header` name: any header but `Host` and the hop-by-hop ones.
+fn parse_forward_header(name: &str) -> Result<HeaderName, String> {
+    let header = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| format!("`{name}` is not a header name"))?;
+    if header == header::HOST {
+        return Err("the upstream's own Host is always sent; see --key-host".to_owned());
+    }
+    if HOP_BY_HOP.contains(&header.as_str()) {
+        return Err(format!("`{header}` is hop-by-hop: it is never forwarded"));
+    }
+    Ok(header)
+}
+
+/// An IPv4 or IPv6 network, `ADDR/BITS` (a bare address is one host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside; an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) counts as
+    /// the IPv4 address it maps.
+    fn contains(&self, ip: IpAddr) -> bool {
+        let (net, width) = ip_bits(self.net);
+        let (ip, ip_width) = ip_bits(ip.to_canonical());
+        width == ip_width && prefix(net, width, self.bits) == prefix(ip, width, self.bits)
+    }
+}
+
+/// An address as a number, and its width in bits.
+fn ip_bits(ip: IpAddr) -> (u128, u8) {
+    match ip {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    }
+}
+
+/// The first `bits` bits of a `width`-bit number.
+fn prefix(value: u128, width: u8, bits: u8) -> u128 {
+    if bits == 0 {
+        0
+    } else {
+        value >> (width - bits)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Cidr, String> {
+        let text = text.trim();
+        let bad = || format!("`{text}` is not an address or a CIDR block such as 10.0.0.0/8");
+        let (addr, bits) = match text.split_once('/') {
+            Some((addr, bits)) => (addr, Some(bits)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let width = ip_bits(addr).1;
+        let bits = match bits {
+            None => width,
+            Some(bits) if !bits.is_empty() && bits.bytes().all(|b| b.is_ascii_digit()) => bits
+                .parse::<u8>()
+                .ok()
+                .filter(|&b| b <= width)
+                .ok_or_else(bad)?,
+            Some(_) => return Err(bad()),
+        };
+        // `::ffff:10.0.0.0/104` is `10.0.0.0/8`: peers are compared in their IPv4 form.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), bits >= 96) {
+                return Ok(Cidr {
+                    net: IpAddr::V4(v4),
+                    bits: bits - 96,
+                });
+            }
+        }
+        Ok(Cidr { net: addr, bits })
+    }
+}
+
+/// How the forwarding headers are built: see [`FORWARDING_HEADERS`].
+#[derive(Clone, Debug, Default)]
+struct Forwarding {
+    /// `--trusted-proxies`.
+    trusted: Vec<Cidr>,
+    /// `--key-host`.
+    key_host: bool,
+    /// `--forward-header`: passed as the client sent them (and keyed).
+    operator: Vec<HeaderName>,
+}
+
+impl Forwarding {
+    /// Replaces the client's forwarding headers by ours; `host` is the client's `Host`
+    /// (given only with `--key-host`).
+    fn apply(
+        &self,
+        headers: &mut HeaderMap,
+        method: &Method,
+        peer: Option<IpAddr>,
+        host: Option<String>,
+    ) {
+        let kept = |name: &str| self.operator.iter().any(|h| h.as_str() == name);
+        let trusted = peer.is_some_and(|ip| self.trusted.iter().any(|net| net.contains(ip)));
+        let chain = |headers: &HeaderMap, name: &str| -> Vec<String> {
+            if !(trusted || kept(name)) {
+                return Vec::new();
+            }
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect()
+        };
+        let mut xff = chain(headers, "x-forwarded-for");
+        let mut forwarded = chain(headers, "forwarded");
+        for name in FORWARDING_HEADERS {
+            if !kept(name) {
+                headers.remove(name);
+            }
+        }
+        if matches!(*method, Method::GET | Method::HEAD) {
+            for name in REWRITE_HEADERS {
+                if !kept(name) {
+                    headers.remove(name);
+                }
+            }
+        }
+        if let Some(ip) = peer.map(|ip| ip.to_canonical()) {
+            xff.push(ip.to_string());
+            forwarded.push(forwarded_element(ip));
+            for (name, chain) in [("x-forwarded-for", xff), ("forwarded", forwarded)] {
+                if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+        if !kept("x-forwarded-proto") {
+            headers.insert(
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static("http"),
+            );
+        }
+        if self.key_host && !kept("x-forwarded-host") {
+            if let Some(value) = host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+                headers.insert(HeaderName::from_static("x-forwarded-host"), value);
+            }
+        }
+    }
+}
+
+/// This hop's `Forwarded` element (RFC 7239 §4, §6: an IPv6 node quoted in brackets).
+fn forwarded_element(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("for={v4};proto=http"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+    }
+}
+
 /// The forwarding service: sends a request to the upstream and streams its answer back.
 /// It never fails: upstream errors become `502`/`504` responses.
 #[derive(Clone)]
@@ -420,10 +716,11 @@ struct Forward {
     client: Client<HttpConnector, Incoming>,
     origin: Origin,
     timeout: Duration,
+    forwarding: Forwarding,
 }
 
 impl Forward {
-    fn new(origin: Origin, timeout: Duration) -> Self {
+    fn new(origin: Origin, timeout: Duration, forwarding: Forwarding) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
@@ -436,24 +733,37 @@ impl Forward {
             client,
             origin,
             timeout,
+            forwarding,
         }
     }
 
     /// Turns the client's request into the upstream's.
     fn upstream_request(&self, req: Request<Incoming>) -> Result<Request<Incoming>, http::Error> {
         let (mut parts, body) = req.into_parts();
+        // Read before the target and the Host are rewritten to the upstream's.
+        let host = if self.forwarding.key_host {
+            client_host(&parts)
+        } else {
+            None
+        };
         parts.uri = self.origin.uri_for(&parts.uri)?;
         // The pooled connections are HTTP/1.1 whatever the client spoke.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(header::HOST, self.origin.host.clone());
-        if let Some(ClientAddr(addr)) = parts.extensions.get::<ClientAddr>().copied() {
-            append_forwarded_for(&mut parts.headers, addr.ip());
+        if parts.extensions.get::<UnframedBody>().is_some() {
+            // Without this the client sends no body for a GET of unknown length.
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
         }
-        parts.headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
+        parts.headers.insert(header::HOST, self.origin.host.clone());
+        let peer = parts
+            .extensions
+            .get::<ClientAddr>()
+            .map(|ClientAddr(addr)| addr.ip());
+        self.forwarding
+            .apply(&mut parts.headers, &parts.method, peer, host);
         Ok(Request::from_parts(parts, body))
     }
 }
@@ -542,22 +852,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends `ip` to `X-Forwarded-For`, joining any values the client already sent.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
-    let mut chain: Vec<String> = headers
-        .get_all(&name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
-    chain.push(ip.to_string());
-    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
-        headers.insert(name, value);
-    }
-}
-
 fn text_response(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(Bytes::copy_from_slice(text.as_bytes())));
     *res.status_mut() = status;
@@ -579,5 +873,201 @@ fn redact(url: &str) -> String {
             format!("{}://***{}", &url[..scheme], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(text: &str) -> Cidr {
+        text.parse().unwrap()
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn cidr_blocks_match_ipv4_and_ipv6() {
+        let ten = cidr("10.0.0.0/8");
+        assert!(ten.contains(ip("10.0.0.1")));
+        assert!(ten.contains(ip("10.255.255.255")));
+        assert!(!ten.contains(ip("11.0.0.0")));
+        assert!(!ten.contains(ip("9.255.255.255")));
+        // IPv4-mapped peers (a dual-stack listener) count as their IPv4 address.
+        assert!(ten.contains(ip("::ffff:10.1.2.3")));
+        assert!(
+            !ten.contains(ip("::a01:203")),
+            "IPv4-compatible is not mapped"
+        );
+
+        let host = cidr("127.0.0.1");
+        assert_eq!(host, cidr("127.0.0.1/32"));
+        assert!(host.contains(ip("127.0.0.1")));
+        assert!(!host.contains(ip("127.0.0.2")));
+
+        let odd = cidr("192.168.1.77/25");
+        assert!(odd.contains(ip("192.168.1.0")));
+        assert!(odd.contains(ip("192.168.1.127")));
+        assert!(!odd.contains(ip("192.168.1.128")));
+
+        let everyone = cidr("0.0.0.0/0");
+        assert!(everyone.contains(ip("203.0.113.9")));
+        assert!(!everyone.contains(ip("2001:db8::1")), "families never mix");
+
+        let v6 = cidr("2001:db8::/32");
+        assert!(v6.contains(ip("2001:db8:ffff::1")));
+        assert!(!v6.contains(ip("2001:db9::1")));
+        assert!(!v6.contains(ip("32.1.13.184")));
+        let loopback = cidr("::1");
+        assert!(loopback.contains(ip("::1")));
+        assert!(!loopback.contains(ip("::2")));
+        assert!(!loopback.contains(ip("127.0.0.1")));
+        assert!(cidr("::/0").contains(ip("fe80::1")));
+        let nibble = cidr("fd00::/7");
+        assert!(nibble.contains(ip("fc00::1")) && nibble.contains(ip("fdff::1")));
+        assert!(!nibble.contains(ip("fe00::1")));
+
+        assert_eq!(cidr("::ffff:10.0.0.0/104"), cidr("10.0.0.0/8"));
+        assert_eq!(cidr(" 10.0.0.0/8 "), ten);
+
+        for bad in [
+            "",
+            "/8",
+            "10.0.0.0/",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/+8",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.0/8/8",
+            "10.0.0.0/-1",
+            "[::1]/128",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    fn sent(forwarding: &Forwarding, method: Method, pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        forwarding.apply(
+            &mut headers,
+            &method,
+            Some(ip("127.0.0.1")),
+            Some("shop.example".to_owned()),
+        );
+        headers
+    }
+
+    fn values(headers: &HeaderMap, name: &str) -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn forwarding_headers_come_from_the_connection() {
+        let plain = Forwarding::default();
+        let mut all: Vec<(&str, &str)> = FORWARDING_HEADERS.iter().map(|n| (*n, "evil")).collect();
+        all.extend(REWRITE_HEADERS.iter().map(|n| (*n, "/evil")));
+        all.push(("x-kept", "yes"));
+        let headers = sent(&plain, Method::GET, &all);
+        assert_eq!(values(&headers, "x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(values(&headers, "x-forwarded-proto"), ["http"]);
+        assert_eq!(values(&headers, "forwarded"), ["for=127.0.0.1;proto=http"]);
+        assert_eq!(values(&headers, "x-kept"), ["yes"]);
+        assert_eq!(headers.len(), 4, "{headers:?}");
+
+        // Method overrides are only dropped where the answer may be stored.
+        let post = sent(&plain, Method::POST, &[("x-http-method-override", "PUT")]);
+        assert_eq!(values(&post, "x-http-method-override"), ["PUT"]);
+
+        // An IPv6 peer, and an IPv4-mapped one.
+        let mut headers = HeaderMap::new();
+        plain.apply(&mut headers, &Method::GET, Some(ip("2001:db8::7")), None);
+        assert_eq!(
+            values(&headers, "forwarded"),
+            ["for=\"[2001:db8::7]\";proto=http"]
+        );
+        assert_eq!(values(&headers, "x-forwarded-for"), ["2001:db8::7"]);
+        let mut headers = HeaderMap::new();
+        plain.apply(
+            &mut headers,
+            &Method::GET,
+            Some(ip("::ffff:10.0.0.9")),
+            None,
+        );
+        assert_eq!(values(&headers, "forwarded"), ["for=10.0.0.9;proto=http"]);
+    }
+
+    #[test]
+    fn trusted_peers_keep_their_chains_and_operators_choose_headers() {
+        let chains = [
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-forwarded-host", "evil"),
+        ];
+        let trusted = Forwarding {
+            trusted: vec![cidr("127.0.0.0/8")],
+            ..Forwarding::default()
+        };
+        let headers = sent(&trusted, Method::GET, &chains);
+        assert_eq!(
+            values(&headers, "x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+        );
+        assert_eq!(
+            values(&headers, "forwarded"),
+            ["for=10.0.0.1, for=127.0.0.1;proto=http"]
+        );
+        assert!(headers.get("x-forwarded-host").is_none());
+
+        let elsewhere = Forwarding {
+            trusted: vec![cidr("10.0.0.0/8")],
+            ..Forwarding::default()
+        };
+        let headers = sent(&elsewhere, Method::GET, &chains);
+        assert_eq!(values(&headers, "x-forwarded-for"), ["127.0.0.1"]);
+
+        let key_host = Forwarding {
+            key_host: true,
+            ..Forwarding::default()
+        };
+        let headers = sent(&key_host, Method::GET, &chains);
+        assert_eq!(values(&headers, "x-forwarded-host"), ["shop.example"]);
+
+        let operator = Forwarding {
+            key_host: true,
+            operator: vec![
+                HeaderName::from_static("x-forwarded-host"),
+                HeaderName::from_static("x-original-url"),
+            ],
+            ..Forwarding::default()
+        };
+        let headers = sent(
+            &operator,
+            Method::GET,
+            &[
+                ("x-forwarded-host", "tenant.example"),
+                ("x-original-url", "/a"),
+            ],
+        );
+        assert_eq!(values(&headers, "x-forwarded-host"), ["tenant.example"]);
+        assert_eq!(values(&headers, "x-original-url"), ["/a"]);
+
+        assert!(parse_forward_header("X-Tenant").is_ok());
+        assert!(parse_forward_header("host").is_err());
+        assert!(parse_forward_header("Connection").is_err());
+        assert!(parse_forward_header("not a name").is_err());
     }
 }

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, IF_MATCH, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE, VARY,
+    ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, ETAG, IF_MATCH,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE,
+    TRANSFER_ENCODING, VARY,
 };
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
@@ -114,6 +115,11 @@ impl HttpRules {
         if !self.methods.contains(method) {
             return Err(Outcome::Method);
         }
+        // The key holds no body: a request with one must neither fill an entry others are
+        // served from nor share another request's answer.
+        if has_body(headers) {
+            return Err(Outcome::Bypass("request-body"));
+        }
         // A partial answer is not the resource: never stored, and no marker either.
         if headers.contains_key(RANGE) {
             return Err(Outcome::Bypass("range"));
@@ -209,6 +215,16 @@ impl HttpRules {
         }
         Ok(fresh)
     }
+}
+
+/// Whether the request's head announces a body: any `Transfer-Encoding`, or a
+/// `Content-Length` other than `0` (one that does not parse counts as a body).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get_all(CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().map_or(true, |v| v.trim().parse() != Ok(0u64)))
 }
 
 /// Reduces `Accept-Encoding` to the one coding the cache keys on, as Varnish does: `br`,
@@ -478,6 +494,51 @@ mod tests {
         assert_eq!(
             rules.check_request(&Method::GET, &headers(&[("cookie", "s=1")])),
             Ok(false)
+        );
+    }
+
+    #[test]
+    fn a_request_with_a_body_bypasses() {
+        let rules = HttpRules::default();
+        let body = Err(Outcome::Bypass("request-body"));
+        for (method, pairs) in [
+            (Method::GET, &[("content-length", "5")][..]),
+            (Method::HEAD, &[("content-length", "1")]),
+            (Method::GET, &[("transfer-encoding", "chunked")]),
+            (Method::GET, &[("transfer-encoding", "identity")]),
+            (
+                Method::GET,
+                &[("content-length", "0"), ("content-length", "7")],
+            ),
+            (Method::GET, &[("content-length", "+0x")]),
+            (Method::GET, &[("content-length", "")]),
+            (
+                Method::GET,
+                &[("content-length", "0"), ("transfer-encoding", "chunked")],
+            ),
+        ] {
+            assert_eq!(
+                rules.check_request(&method, &headers(pairs)),
+                body,
+                "{pairs:?}"
+            );
+        }
+        let mut odd = headers(&[]);
+        odd.insert("content-length", HeaderValue::from_bytes(b"\xff").unwrap());
+        assert_eq!(rules.check_request(&Method::GET, &odd), body);
+        // An empty body is no body.
+        assert_eq!(
+            rules.check_request(&Method::GET, &headers(&[("content-length", "0")])),
+            Ok(false)
+        );
+        assert_eq!(
+            rules.check_request(&Method::GET, &headers(&[("content-length", " 0 ")])),
+            Ok(false)
+        );
+        // Methods that are not cached keep their own outcome.
+        assert_eq!(
+            rules.check_request(&Method::POST, &headers(&[("content-length", "5")])),
+            Err(Outcome::Method)
         );
     }
 }
