@@ -118,6 +118,7 @@ pub(crate) async fn subscribe(
                 let Some(shared) = shared.upgrade() else {
                     return Ok(());
                 };
+                shared.counters.incr(crate::stats::Event::wakeups);
                 if let Some((hash, value)) = parse_message(msg.get_payload_bytes()) {
                     shared.on_wake(hash, value).await;
                 }
