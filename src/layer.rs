@@ -110,7 +110,8 @@ impl Shared {
         Ok(Key::new(base, parts, &self.rules.vary, per_user))
     }
 
-    /// Starts the wake-up subscription once, from inside the runtime.
+    /// Starts the wake-up subscription once, from inside the runtime, under a supervisor
+    /// that restarts it if it ever ends or panics.
     pub(crate) fn ensure_subscriber(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         let Some(store) = &self.redis else { return };
@@ -127,11 +128,19 @@ impl Shared {
         else {
             return;
         };
-        tokio::spawn(crate::wake::subscribe(
+        let (client, channel, timeout) = (
             store.conn.client().clone(),
             store.channel.clone(),
-            Arc::downgrade(self),
             store.conn.timeout(),
+        );
+        let shared = Arc::downgrade(self);
+        // Supervised: a subscription that ends or panics is started again.
+        tokio::spawn(crate::wake::supervise(
+            move || {
+                (shared.strong_count() > 0).then(|| {
+                    crate::wake::subscribe(client.clone(), channel.clone(), shared.clone(), timeout)
+                })
+            },
             shutdown,
         ));
     }
