@@ -526,6 +526,7 @@ impl StampedeBuilder {
                     Breaker::new(self.breaker_failures, self.breaker_cooldown),
                 ),
                 &self.prefix,
+                self.rules.max_body,
             )),
         };
         let (tx, rx) = oneshot::channel();
