@@ -421,6 +421,9 @@ impl StampedeBuilder {
     }
 
     /// The lock's lease; it is extended every third of it while the inner call runs.
+    /// A lock found without an expiry, or with a time to live past the lease, is none of
+    /// ours: once a waiter has seen the same holder on it for a lease, it takes the lock
+    /// over and fills. Nodes sharing a prefix should therefore share the lease.
     /// Default 5 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.cfg.lease = lease.max(Duration::from_millis(3));
@@ -449,7 +452,8 @@ impl StampedeBuilder {
     }
 
     /// How often a waiter re-checks Redis when no wake-up arrives (plus up to half of it
-    /// as jitter). Default 50 ms.
+    /// as jitter; never sooner than half of it, whatever the lock's time to live).
+    /// Default 50 ms.
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.cfg.poll_interval = every.max(Duration::from_millis(1));
         self
