@@ -5,8 +5,11 @@
 //! revalidate_until:u64 stale_until:u64 fill_ms:u32 n_headers:u16 (name_len:u16 name value_len:u32 value)*
 //! body_len:u32 body`. Times are milliseconds since the Unix epoch.
 //!
-//! Decoding never panics: anything short, foreign, of another version or for another key
-//! is an error, which the caller treats as a miss.
+//! Decoding never panics: anything short, foreign, of another version, for another key or
+//! past the bounds ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]) is an error, which the caller
+//! treats as a miss. Every length field is checked against the bytes left (and the header
+//! bounds) before anything is built from it. The HTTP rules refuse to store an answer past
+//! those bounds, so the encoder never writes what the decoder refuses.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +18,36 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: &[u8; 3] = b"TSE";
 const VERSION: u8 = 1;
+
+/// The most header fields an envelope holds.
+pub(crate) const MAX_HEADERS: usize = 256;
+/// The most bytes of header names and values, together, an envelope holds.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The fixed fields: magic, version, kind, key length, status, four times, fill time,
+/// header count and body length.
+const FIXED_LEN: usize = 3 + 1 + 1 + 4 + 2 + 4 * 8 + 4 + 2 + 4;
+/// The framing of one header field: name length and value length.
+const PER_HEADER_LEN: usize = 2 + 4;
+
+/// The largest envelope the encoder can write for a key of `key_len` bytes and a body of at
+/// most `max_body` bytes: larger bytes in Redis cannot be ours.
+pub(crate) fn max_encoded_len(key_len: usize, max_body: usize) -> usize {
+    FIXED_LEN
+        .saturating_add(key_len)
+        .saturating_add(MAX_HEADERS * PER_HEADER_LEN + MAX_HEADER_BYTES)
+        .saturating_add(max_body)
+}
+
+/// Whether headers fit in an envelope: at most [`MAX_HEADERS`] fields and
+/// [`MAX_HEADER_BYTES`] of names and values.
+pub(crate) fn headers_fit(headers: &HeaderMap) -> bool {
+    headers.len() <= MAX_HEADERS
+        && headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum::<usize>()
+            <= MAX_HEADER_BYTES
+}
 
 /// What an envelope holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +89,8 @@ pub(crate) enum DecodeError {
     Malformed,
     #[error("envelope belongs to another key")]
     OtherKey,
+    #[error("envelope headers exceed the bounds")]
+    TooManyHeaders,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -125,7 +160,17 @@ impl Entry {
         out.put_u64(self.revalidate_until);
         out.put_u64(self.stale_until);
         out.put_u32(self.fill_ms);
-        let n = self.headers.len().min(u16::MAX as usize);
+        // The HTTP rules store only headers that fit (`headers_fit`); the cap is a backstop
+        // so that whatever the caller did, the decoder accepts what is written.
+        let mut n = 0;
+        let mut size = 0;
+        for (name, value) in self.headers.iter().take(MAX_HEADERS) {
+            size += name.as_str().len() + value.len();
+            if size > MAX_HEADER_BYTES {
+                break;
+            }
+            n += 1;
+        }
         out.put_u16(n as u16);
         for (name, value) in self.headers.iter().take(n) {
             out.put_u16(name.as_str().len() as u16);
@@ -157,6 +202,9 @@ impl Entry {
             _ => return Err(DecodeError::Malformed),
         };
         let key_len = r.u32()? as usize;
+        if key_len != expected_key.len() {
+            return Err(DecodeError::OtherKey);
+        }
         let key = r.take(key_len)?;
         if key != expected_key.as_bytes() {
             return Err(DecodeError::OtherKey);
@@ -168,15 +216,24 @@ impl Entry {
         let stale_until = r.u64()?;
         let fill_ms = r.u32()?;
         let n = r.u16()? as usize;
-        // The count is untrusted: never let it size an allocation (HeaderMap panics past 32768).
+        // The count is untrusted: bounded before anything is built (HeaderMap panics on
+        // tens of thousands of names), and never the size of an allocation.
+        if n > MAX_HEADERS {
+            return Err(DecodeError::TooManyHeaders);
+        }
         let mut headers = HeaderMap::with_capacity(n.min(64));
+        let mut budget = MAX_HEADER_BYTES;
         for _ in 0..n {
             let len = r.u16()? as usize;
+            budget = budget.checked_sub(len).ok_or(DecodeError::TooManyHeaders)?;
             let name = HeaderName::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
             let len = r.u32()? as usize;
+            budget = budget.checked_sub(len).ok_or(DecodeError::TooManyHeaders)?;
             let value =
                 HeaderValue::from_bytes(r.take(len)?).map_err(|_| DecodeError::Malformed)?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| DecodeError::TooManyHeaders)?;
         }
         let body_len = r.u32()? as usize;
         let start = r.pos;
@@ -332,5 +389,130 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(Entry::decode(Bytes::from(longer), &e.key).is_err());
+    }
+
+    /// The bytes of `sample()` up to its header count, then `n` as the count.
+    fn head_with_count(e: &Entry, n: u16) -> Vec<u8> {
+        let mut bytes = e.encode();
+        let at = FIXED_LEN - 4 - 2 + e.key.len();
+        bytes.truncate(at);
+        bytes.extend(n.to_be_bytes());
+        bytes
+    }
+
+    #[test]
+    fn thirty_thousand_headers_are_an_error_not_a_panic() {
+        let e = sample();
+        let mut bytes = head_with_count(&e, 30_000);
+        for i in 0..30_000u32 {
+            let name = format!("x-h{i}");
+            bytes.extend((name.len() as u16).to_be_bytes());
+            bytes.extend(name.as_bytes());
+            bytes.extend(1u32.to_be_bytes());
+            bytes.push(b'v');
+        }
+        bytes.extend(0u32.to_be_bytes());
+        assert_eq!(
+            Entry::decode(Bytes::from(bytes), &e.key).unwrap_err(),
+            DecodeError::TooManyHeaders
+        );
+        // One past the bound is refused as well, before a single header is read.
+        let bytes = head_with_count(&e, MAX_HEADERS as u16 + 1);
+        assert_eq!(
+            Entry::decode(Bytes::from(bytes), &e.key).unwrap_err(),
+            DecodeError::TooManyHeaders
+        );
+    }
+
+    #[test]
+    fn huge_length_fields_are_errors() {
+        let e = sample();
+        // Key length.
+        let mut bytes = e.encode();
+        bytes[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            Entry::decode(Bytes::from(bytes), &e.key).unwrap_err(),
+            DecodeError::OtherKey
+        );
+        // A header name, a header value past the byte budget, a value past the end.
+        let mut name = head_with_count(&e, 1);
+        name.extend(u16::MAX.to_be_bytes());
+        assert!(Entry::decode(Bytes::from(name), &e.key).is_err());
+        for len in [MAX_HEADER_BYTES as u32, u32::MAX] {
+            let mut value = head_with_count(&e, 1);
+            value.extend(1u16.to_be_bytes());
+            value.push(b'x');
+            value.extend(len.to_be_bytes());
+            value.extend(b"short");
+            assert_eq!(
+                Entry::decode(Bytes::from(value), &e.key).unwrap_err(),
+                DecodeError::TooManyHeaders
+            );
+        }
+        let mut value = head_with_count(&e, 1);
+        value.extend(1u16.to_be_bytes());
+        value.push(b'x');
+        value.extend(1000u32.to_be_bytes());
+        value.extend(b"short");
+        assert_eq!(
+            Entry::decode(Bytes::from(value), &e.key).unwrap_err(),
+            DecodeError::Malformed
+        );
+        // The body length.
+        let mut body = e.encode();
+        let at = body.len() - e.body.len() - 4;
+        body[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(
+            Entry::decode(Bytes::from(body), &e.key).unwrap_err(),
+            DecodeError::Malformed
+        );
+    }
+
+    #[test]
+    fn the_encoder_writes_only_what_the_decoder_accepts() {
+        let mut e = sample();
+        assert!(headers_fit(&e.headers));
+        for i in 0..MAX_HEADERS {
+            e.headers.append(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(!headers_fit(&e.headers));
+        let d = Entry::decode(Bytes::from(e.encode()), &e.key).unwrap();
+        assert_eq!(d.headers.len(), MAX_HEADERS);
+
+        let mut big = sample();
+        let value = HeaderValue::from_bytes(&vec![b'v'; 40 * 1024]).unwrap();
+        big.headers.insert("x-big-1", value.clone());
+        big.headers.insert("x-big-2", value);
+        assert!(!headers_fit(&big.headers));
+        let d = Entry::decode(Bytes::from(big.encode()), &big.key).unwrap();
+        assert!(d.headers.contains_key("x-big-1") && !d.headers.contains_key("x-big-2"));
+    }
+
+    #[test]
+    fn the_largest_envelope_fits_the_largest_encoded_length() {
+        let mut e = sample();
+        e.headers.clear();
+        // 256 fields of 256 bytes each: exactly the byte budget.
+        let value = HeaderValue::from_bytes(&[b'v'; 250]).unwrap();
+        for i in 0..MAX_HEADERS {
+            e.headers.append(
+                HeaderName::from_bytes(format!("x-{i:04}").as_bytes()).unwrap(),
+                value.clone(),
+            );
+        }
+        assert!(headers_fit(&e.headers));
+        e.body = Bytes::from(vec![0u8; 1000]);
+        let bytes = e.encode();
+        assert_eq!(bytes.len(), max_encoded_len(e.key.len(), 1000));
+        assert_eq!(
+            Entry::decode(Bytes::from(bytes), &e.key)
+                .unwrap()
+                .headers
+                .len(),
+            MAX_HEADERS
+        );
     }
 }

@@ -332,7 +332,7 @@ where
                         shared.counters.incr(Event::lock_acquired);
                         break Held::Redis;
                     }
-                    Ok(Check::Held(_)) => return false,
+                    Ok(Check::Held(..)) => return false,
                     Err(e) => {
                         shared.counters.incr(Event::redis_errors);
                         tracing::debug!(key = %key.short(), error = %e, "redis unavailable for a refresh");
@@ -468,6 +468,8 @@ async fn contend_redis(
     let waiting = shared.wakers.register(key.hash);
     let mut waited = false;
     let mut skip_value = false;
+    // The holder token last seen on the lock, and since when.
+    let mut holder_seen: Option<(Bytes, Instant)> = None;
     loop {
         let notified = waiting.notify().notified();
         tokio::pin!(notified);
@@ -481,10 +483,20 @@ async fn contend_redis(
                 None => skip_value = true,
             },
             Ok(Check::Locked) => {
+                // The lock is free after a wait: if the attempt waited on failed and its
+                // wake-up was lost, its failure marker is the answer, not a new attempt.
+                if let Some((holder, _)) = &holder_seen {
+                    if let Ok(Some(status)) = store.failure_of(key, holder).await {
+                        if let Err(e) = store.release_publish(key, token).await {
+                            tracing::debug!(key = %key.short(), error = %e, "release after a failure marker failed");
+                        }
+                        return Contend::Failed(status);
+                    }
+                }
                 shared.counters.incr(Event::lock_acquired);
                 return Contend::Lead(Held::Redis);
             }
-            Ok(Check::Held(pttl)) => {
+            Ok(Check::Held(pttl, holder)) => {
                 skip_value = false;
                 if !waited {
                     waited = true;
@@ -498,8 +510,32 @@ async fn contend_redis(
                         FailurePolicy::Closed => Contend::Refuse(Outcome::LockTimeout),
                     };
                 }
+                let since = match &holder_seen {
+                    Some((seen, since)) if *seen == holder => *since,
+                    _ => holder_seen.insert((holder.clone(), Instant::now())).1,
+                };
+                // Our holders extend to the lease every third of it: a lock without expiry
+                // or with a longer TTL is none of theirs. Once this waiter has seen the
+                // same holder for a lease, it takes the lock over and leads.
+                if pttl > cfg.lease && since.elapsed() >= cfg.lease {
+                    match store.take_over(key, &holder, token, cfg.lease).await {
+                        Ok(true) => {
+                            tracing::warn!(key = %key.short(), "took over a lock without a sane expiry");
+                            shared.counters.incr(Event::lock_acquired);
+                            return Contend::Lead(Held::Redis);
+                        }
+                        // The lock changed meanwhile: look again.
+                        Ok(false) => {
+                            holder_seen = None;
+                            continue;
+                        }
+                        Err(e) => return redis_failed(shared, key, e),
+                    }
+                }
+                // Never a tight loop, whatever the lock's TTL says.
                 let pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
-                    .min(pttl + Duration::from_millis(1))
+                    .min(pttl.saturating_add(Duration::from_millis(1)))
+                    .max(cfg.poll_interval / 2)
                     .min(cfg.lock_wait - elapsed);
                 let woken = tokio::select! {
                     _ = &mut notified => true,
@@ -516,15 +552,18 @@ async fn contend_redis(
                     }
                 }
             }
-            Err(e) => {
-                shared.counters.incr(Event::redis_errors);
-                tracing::debug!(key = %key.short(), error = %e, "redis unavailable for the fill");
-                return match cfg.on_redis_error {
-                    FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
-                    FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
-                };
-            }
+            Err(e) => return redis_failed(shared, key, e),
         }
+    }
+}
+
+/// What a fill does when Redis fails under it: the Redis error policy.
+fn redis_failed(shared: &Shared, key: &Key, e: crate::conn::BackendError) -> Contend {
+    shared.counters.incr(Event::redis_errors);
+    tracing::debug!(key = %key.short(), error = %e, "redis unavailable for the fill");
+    match shared.cfg.on_redis_error {
+        FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
+        FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
     }
 }
 

@@ -112,7 +112,8 @@ impl Shared {
         Ok(Key::new(base, parts, &self.rules.vary, per_user))
     }
 
-    /// Starts the wake-up subscription once, from inside the runtime.
+    /// Starts the wake-up subscription once, from inside the runtime, under a supervisor
+    /// that restarts it if it ever ends or panics.
     pub(crate) fn ensure_subscriber(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         let Some(store) = &self.redis else { return };
@@ -129,11 +130,19 @@ impl Shared {
         else {
             return;
         };
-        tokio::spawn(crate::wake::subscribe(
+        let (client, channel, timeout) = (
             store.conn.client().clone(),
             store.channel.clone(),
-            Arc::downgrade(self),
             store.conn.timeout(),
+        );
+        let shared = Arc::downgrade(self);
+        // Supervised: a subscription that ends or panics is started again.
+        tokio::spawn(crate::wake::supervise(
+            move || {
+                (shared.strong_count() > 0).then(|| {
+                    crate::wake::subscribe(client.clone(), channel.clone(), shared.clone(), timeout)
+                })
+            },
             shutdown,
         ));
     }
@@ -491,6 +500,9 @@ impl StampedeBuilder {
     }
 
     /// The lock's lease; it is extended every third of it while the inner call runs.
+    /// A lock found without an expiry, or with a time to live past the lease, is none of
+    /// ours: once a waiter has seen the same holder on it for a lease, it takes the lock
+    /// over and fills. Nodes sharing a prefix should therefore share the lease.
     /// Default 5 s.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.cfg.lease = lease.max(Duration::from_millis(3));
@@ -519,7 +531,8 @@ impl StampedeBuilder {
     }
 
     /// How often a waiter re-checks Redis when no wake-up arrives (plus up to half of it
-    /// as jitter). Default 50 ms.
+    /// as jitter; never sooner than half of it, whatever the lock's time to live).
+    /// Default 50 ms.
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.cfg.poll_interval = every.max(Duration::from_millis(1));
         self
@@ -601,6 +614,7 @@ impl StampedeBuilder {
                     Breaker::new(self.breaker_failures, self.breaker_cooldown),
                 ),
                 &self.prefix,
+                self.rules.max_body,
             )),
         };
         let (tx, rx) = oneshot::channel();

@@ -151,6 +151,10 @@ impl HttpRules {
         if short.is_none() && !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308) {
             return Err("status");
         }
+        // What the envelope cannot hold is not stored: the decoder would refuse it.
+        if !crate::envelope::headers_fit(headers) {
+            return Err("headers");
+        }
         for value in headers.get_all(VARY) {
             let Ok(value) = value.to_str() else {
                 return Err("vary");
@@ -422,6 +426,32 @@ mod tests {
                 false
             )
             .is_ok());
+    }
+
+    #[test]
+    fn answers_with_more_headers_than_an_envelope_holds_are_not_stored() {
+        let rules = HttpRules::default();
+        let mut h = HeaderMap::new();
+        for i in 0..crate::envelope::MAX_HEADERS {
+            h.append(
+                HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(rules.check_response(StatusCode::OK, &h, false).is_ok());
+        h.append("x-one-more", HeaderValue::from_static("v"));
+        assert_eq!(
+            rules.check_response(StatusCode::OK, &h, false),
+            Err("headers")
+        );
+        let mut big = HeaderMap::new();
+        let value = HeaderValue::from_bytes(&vec![b'v'; 40 * 1024]).unwrap();
+        big.insert("x-a", value.clone());
+        big.insert("x-b", value);
+        assert_eq!(
+            rules.check_response(StatusCode::OK, &big, false),
+            Err("headers")
+        );
     }
 
     #[test]

@@ -24,18 +24,42 @@ return 0",
 });
 
 /// Check-and-lock. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] lease ms,
-/// ARGV[3] "1" to ignore the value (it was unusable).
-/// Returns {1, value} | {2} lock taken | {3, pttl} held by another.
+/// ARGV[3] "1" to ignore the value (it was unusable), ARGV[4] the largest value size
+/// accepted, in bytes.
+/// Returns {1, value} | {2} lock taken | {3, pttl, holder's token} held by another.
+/// A value larger than ARGV[4] (or not a string) is never read: it is treated as absent, so
+/// the lock is taken and the fill overwrites it. A lock that is not a string reads as the
+/// empty token.
 pub(crate) static CHECK_AND_LOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if ARGV[3] ~= '1' then
-    local v = redis.call('GET', KEYS[1])
-    if v then return {1, v} end
+    local n = redis.pcall('STRLEN', KEYS[1])
+    if type(n) == 'number' and n > 0 and n <= tonumber(ARGV[4]) then
+        return {1, redis.call('GET', KEYS[1])}
+    end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return {2}
 end
-return {3, redis.call('PTTL', KEYS[2])}",
+local holder = redis.pcall('GET', KEYS[2])
+if type(holder) ~= 'string' then holder = '' end
+return {3, redis.call('PTTL', KEYS[2]), holder}",
+    )
+});
+
+/// Compare-and-set, to take over a lock no holder of ours could have left (no expiry, or a
+/// TTL past the lease). KEYS[1] lock; ARGV[1] the stale holder's token (the empty token for
+/// a lock that is not a string), ARGV[2] new token, ARGV[3] lease ms. Returns 1 when taken.
+pub(crate) static TAKE_OVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local held = redis.pcall('GET', KEYS[1])
+if not held then return 0 end
+if type(held) ~= 'string' then held = '' end
+if held == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return 1
+end
+return 0",
     )
 });
 

@@ -84,6 +84,9 @@ events! {
     /// Fills whose inner call failed, panicked or timed out
     /// (`tower_stampede_upstream_failures_total`).
     upstream_failures => "tower_stampede_upstream_failures_total";
+    /// Wake-up messages received from Redis over pub/sub
+    /// (`tower_stampede_wakeups_total`).
+    wakeups => "tower_stampede_wakeups_total";
 }
 
 /// The live counters behind [`Stats`].

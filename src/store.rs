@@ -18,7 +18,9 @@ use crate::scripts;
 pub(crate) enum Check {
     Value(Bytes),
     Locked,
-    Held(Duration),
+    /// Held by another: the lock's time to live (`Duration::MAX` when it has no expiry)
+    /// and the holder's token.
+    Held(Duration, Bytes),
 }
 
 #[derive(Debug)]
@@ -26,6 +28,9 @@ pub(crate) struct RedisStore {
     pub(crate) conn: RedisConn,
     prefix: String,
     pub(crate) channel: String,
+    /// The largest body stored: with the envelope's bounds, it sizes the largest value
+    /// worth reading.
+    max_body: usize,
 }
 
 fn int(v: Option<&Value>) -> Option<i64> {
@@ -44,11 +49,12 @@ fn unexpected(what: &str) -> BackendError {
 }
 
 impl RedisStore {
-    pub(crate) fn new(conn: RedisConn, prefix: &str) -> Self {
+    pub(crate) fn new(conn: RedisConn, prefix: &str, max_body: usize) -> Self {
         RedisStore {
             conn,
             prefix: prefix.to_owned(),
             channel: format!("{prefix}:ready"),
+            max_body,
         }
     }
 
@@ -74,6 +80,8 @@ impl RedisStore {
         skip_value: bool,
     ) -> Result<Check, BackendError> {
         let (vk, lk) = (self.value_key(key), self.lock_key(key));
+        // Larger bytes cannot be an envelope of ours: never read them.
+        let max_value = crate::envelope::max_encoded_len(key.canonical.len(), self.max_body);
         let reply: Vec<Value> = self
             .conn
             .run(|mut c| async move {
@@ -83,18 +91,54 @@ impl RedisStore {
                     .arg(token)
                     .arg(millis(lease))
                     .arg(if skip_value { "1" } else { "0" })
+                    .arg(max_value)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
-        match (int(reply.first()), reply.get(1)) {
-            (Some(1), Some(Value::BulkString(b))) => Ok(Check::Value(Bytes::from(b.clone()))),
-            (Some(2), _) => Ok(Check::Locked),
-            (Some(3), pttl) => Ok(Check::Held(Duration::from_millis(
-                int(pttl).unwrap_or(0).max(0) as u64,
-            ))),
+        let mut reply = reply.into_iter();
+        match (int(reply.next().as_ref()), reply.next(), reply.next()) {
+            (Some(1), Some(Value::BulkString(b)), _) => Ok(Check::Value(Bytes::from(b))),
+            (Some(2), _, _) => Ok(Check::Locked),
+            (Some(3), pttl, holder) => {
+                let pttl = match int(pttl.as_ref()) {
+                    // No expiry: it never lapses on its own.
+                    Some(-1) => Duration::MAX,
+                    ms => Duration::from_millis(ms.unwrap_or(0).max(0) as u64),
+                };
+                let holder = match holder {
+                    Some(Value::BulkString(b)) => Bytes::from(b),
+                    _ => Bytes::new(),
+                };
+                Ok(Check::Held(pttl, holder))
+            }
             _ => Err(unexpected("check-and-lock")),
         }
+    }
+
+    /// Takes the lock over from `stale`, a holder token seen on a lock that no holder of
+    /// ours could have left. Returns whether `token` now holds it for `lease`.
+    pub(crate) async fn take_over(
+        &self,
+        key: &Key,
+        stale: &[u8],
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, BackendError> {
+        let lk = self.lock_key(key);
+        let n: i64 = self
+            .conn
+            .run(|mut c| async move {
+                scripts::TAKE_OVER
+                    .key(lk)
+                    .arg(stale)
+                    .arg(token)
+                    .arg(millis(lease))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(n == 1)
     }
 
     /// Stores, releases and publishes in one round trip. Returns whether the lock was
@@ -185,6 +229,23 @@ impl RedisStore {
         Ok(held == 1)
     }
 
+    /// The status of the failed attempt of `holder`, if it left a failure marker.
+    pub(crate) async fn failure_of(
+        &self,
+        key: &Key,
+        holder: &[u8],
+    ) -> Result<Option<http::StatusCode>, BackendError> {
+        let fk = self.fail_key(key);
+        let marker: Option<Vec<u8>> = self
+            .conn
+            .run(|mut c| async move { redis::cmd("GET").arg(fk).query_async(&mut c).await })
+            .await?;
+        Ok(marker.and_then(|m| {
+            let status = crate::wake::failure_status(&m)?;
+            (m.get(5..) == Some(holder)).then_some(status)
+        }))
+    }
+
     pub(crate) async fn extend(
         &self,
         key: &Key,
@@ -251,5 +312,18 @@ impl LocalLocks {
             return true;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_and_lease_arguments_are_at_least_one_millisecond() {
+        // Redis refuses `PX 0`: an entry whose time to live ran out still gets 1 ms.
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(999)), 1);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
     }
 }

@@ -1,13 +1,15 @@
 //! Wake-ups: one pub/sub subscription per process, dispatched to the fills waiting on a key.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::layer::Shared;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{oneshot, Notify};
 
 use crate::key::{parse_hex, PrehashedState};
@@ -111,21 +113,65 @@ impl Wakers {
     }
 }
 
-/// A wake-up message: the key hash in hex, then possibly the stored bytes.
+/// A wake-up message: the key hash in hex, then possibly the stored bytes. Only bytes a
+/// store could have carried (at most [`INLINE_MAX`]) are kept: anything longer is not
+/// ours, and the waiters read Redis instead.
 pub(crate) fn parse_message(payload: &[u8]) -> Option<([u8; 32], Option<Bytes>)> {
     let hash = parse_hex(payload.get(..64)?)?;
-    let value = (payload.len() > 64).then(|| Bytes::copy_from_slice(&payload[64..]));
+    let rest = &payload[64..];
+    let value =
+        (!rest.is_empty() && rest.len() <= INLINE_MAX).then(|| Bytes::copy_from_slice(rest));
     Some((hash, value))
 }
 
-/// Keeps one subscription to `channel` alive until `shutdown` fires (the layer was
-/// dropped), reconnecting with backoff and jitter. Messages are key hashes in hex.
+/// Runs the sessions `start` makes, each in a task of its own, until `shutdown` fires (the
+/// layer was dropped) or `start` has nothing left to run. A session that ends or panics is
+/// started again after a backoff with jitter: one bad message or bug must not stop the
+/// wake-ups for the life of the process.
+pub(crate) async fn supervise<F, Fut>(mut start: F, mut shutdown: oneshot::Receiver<()>)
+where
+    F: FnMut() -> Option<Fut>,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(session) = start() else { return };
+        let started = tokio::time::Instant::now();
+        let mut task = tokio::spawn(session);
+        tokio::select! {
+            _ = &mut shutdown => {
+                task.abort();
+                return;
+            }
+            ended = &mut task => match ended {
+                Ok(()) => tracing::debug!("wake-up subscription ended; restarting it"),
+                Err(e) if e.is_panic() => {
+                    tracing::error!("wake-up subscription panicked; restarting it");
+                }
+                // Cancelled: the runtime is shutting down.
+                Err(_) => return,
+            },
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(50);
+        }
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(jittered(backoff, backoff / 2)) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Keeps one subscription to `channel` alive while the layer lives (its supervisor stops
+/// it when the layer is dropped), reconnecting with backoff and jitter. Messages are key
+/// hashes in hex, possibly followed by the stored bytes; the handling of each is bounded
+/// and guarded, so no message can end the subscription.
 pub(crate) async fn subscribe(
     client: redis::Client,
     channel: String,
     shared: Weak<Shared>,
     timeout: Duration,
-    mut shutdown: oneshot::Receiver<()>,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -147,27 +193,31 @@ pub(crate) async fn subscribe(
                 let Some(shared) = shared.upgrade() else {
                     return Ok(());
                 };
-                if let Some((hash, value)) = parse_message(msg.get_payload_bytes()) {
-                    shared.on_wake(hash, value).await;
+                shared.counters.incr(crate::stats::Event::wakeups);
+                let handled = AssertUnwindSafe(async {
+                    if let Some((hash, value)) = parse_message(msg.get_payload_bytes()) {
+                        shared.on_wake(hash, value).await;
+                    }
+                })
+                .catch_unwind()
+                .await;
+                if handled.is_err() {
+                    tracing::error!(%channel, "handling a wake-up message panicked; message ignored");
                 }
             }
             Err("subscription closed".to_owned())
         };
         let connected_at = tokio::time::Instant::now();
-        tokio::select! {
-            _ = &mut shutdown => return,
-            res = session => match res {
-                Ok(()) => return,
-                Err(e) => tracing::debug!(error = %e, "wake-up subscription lost; polling covers the gap"),
-            },
+        match session.await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "wake-up subscription lost; polling covers the gap")
+            }
         }
         if connected_at.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(50);
         }
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = tokio::time::sleep(jittered(backoff, backoff / 2)) => {}
-        }
+        tokio::time::sleep(jittered(backoff, backoff / 2)).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
@@ -175,6 +225,7 @@ pub(crate) async fn subscribe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn failure_tails_round_trip_and_nothing_else_reads_as_one() {
@@ -193,5 +244,60 @@ mod tests {
         assert_eq!(failure_status(b"!F5"), None);
         assert_eq!(failure_status(b"TSE\x01"), None);
         assert_eq!(failure_status(b""), None);
+    }
+
+    #[test]
+    fn messages_carry_only_values_a_store_could_have_sent() {
+        let hex = [b'a'; 64];
+        assert_eq!(parse_message(&hex), Some(([0xaa; 32], None)));
+        let mut small = hex.to_vec();
+        small.extend(b"TSE");
+        assert_eq!(
+            parse_message(&small).unwrap().1.as_deref(),
+            Some(&b"TSE"[..])
+        );
+        let mut big = hex.to_vec();
+        big.extend(vec![0u8; INLINE_MAX + 1]);
+        assert_eq!(parse_message(&big), Some(([0xaa; 32], None)));
+        assert_eq!(parse_message(b"not hex"), None);
+        assert_eq!(parse_message(&[b'z'; 64]), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_panics_or_ends_is_restarted_until_shutdown() {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (running, mut third) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, shutdown) = oneshot::channel();
+        let supervisor = tokio::spawn(supervise(
+            {
+                let starts = starts.clone();
+                move || {
+                    let n = starts.fetch_add(1, Ordering::SeqCst) + 1;
+                    let running = running.clone();
+                    Some(async move {
+                        match n {
+                            1 => panic!("a session that panics"),
+                            2 => {}
+                            _ => {
+                                let _ = running.send(());
+                                std::future::pending::<()>().await
+                            }
+                        }
+                    })
+                }
+            },
+            shutdown,
+        ));
+        third.recv().await.unwrap();
+        assert_eq!(starts.load(Ordering::SeqCst), 3);
+        drop(stop);
+        supervisor.await.unwrap();
+        assert_eq!(starts.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_supervisor_with_nothing_to_run_returns() {
+        let (_stop, shutdown) = oneshot::channel();
+        supervise(|| None::<std::future::Ready<()>>, shutdown).await;
     }
 }

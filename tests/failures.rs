@@ -184,3 +184,57 @@ async fn hit_for_pass_markers_count_toward_the_memory_bound() {
     assert!(memory.bytes() <= capacity, "{memory:?}");
     assert!(memory.marker_bytes <= capacity / 16, "{memory:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_missed_the_wake_up_reads_the_failure_marker_instead_of_retrying() {
+    let server = RedisServer::start();
+    let mut admin = server.conn().await;
+    // Node B's user may not subscribe: it never hears a wake-up and has to poll.
+    let () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "deaf",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            "+@all",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let deaf_url = format!("redis://deaf:pw@127.0.0.1:{}/", server.port());
+    let upstream = Upstream::new(Duration::from_millis(400));
+    upstream.fail(true);
+    let a = node(&server).error_ttl(Duration::ZERO).build();
+    let b = StampedeLayer::builder()
+        .backend(Backend::redis(deaf_url).unwrap())
+        .redis_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(100))
+        .error_ttl(Duration::ZERO)
+        .build();
+    let leader = tokio::spawn(a.layer(upstream.service()).oneshot(get("/f")));
+    // B waits once A holds the lock.
+    server.wait_for_keys("stampede:*:lock", 1).await;
+    let waiters: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(b.layer(upstream.service()).oneshot(get("/f"))))
+        .collect();
+    let res = leader.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    for w in waiters {
+        let res = w.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            cache_status(&res).contains("upstream-failed"),
+            "{}",
+            cache_status(&res)
+        );
+    }
+    assert_eq!(b.stats().wakeups, 0, "node B heard no wake-up");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "B's waiters took A's outcome, not a new attempt"
+    );
+    server.wait_for_keys("stampede:*:lock", 0).await;
+}

@@ -1,0 +1,359 @@
+//! The tier: where the state shared by a fleet lives, behind one small interface.
+//!
+//! A tier stores opaque bytes under a key hash, holds one lock per key (a token with a
+//! lease), and wakes the processes waiting on a key when its fill ends. The flight in
+//! [`cache`](crate::cache) is written once against these primitives; a backend differs
+//! only in how they run:
+//!
+//! * [`local`]: this process only. No values (the L1 is the only copy), in-process locks,
+//!   wake-ups by direct notification. The embedded default: no Redis.
+//! * `redis` (feature `redis`): one Redis. Every primitive is one Lua script, so one
+//!   round trip; wake-ups come through a supervised pub/sub subscription.
+//!
+//! This room imports nothing from `cache` or `http`: what it hears from Redis it hands
+//! upward through the [`WakeSink`] trait.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub(crate) mod local;
+#[cfg(feature = "redis")]
+pub(crate) mod conn;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+#[cfg(feature = "redis")]
+pub(crate) mod scripts;
+pub(crate) mod wake;
+
+#[cfg(feature = "redis")]
+pub use conn::BackendError;
+#[cfg(not(feature = "redis"))]
+pub use local::BackendError;
+
+pub(crate) use wake::{WakeSink, Wakers};
+
+/// Where the shared tier lives: nowhere (this process only) or Redis.
+///
+/// ```
+/// let local = tower_stampede::Backend::local();
+/// # #[cfg(feature = "redis")]
+/// let fleet = tower_stampede::Backend::redis("redis://127.0.0.1:6379/").unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Backend(pub(crate) BackendKind);
+
+#[derive(Clone)]
+pub(crate) enum BackendKind {
+    Local,
+    #[cfg(feature = "redis")]
+    Redis(::redis::Client),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            BackendKind::Local => f.write_str("Backend::Local"),
+            #[cfg(feature = "redis")]
+            BackendKind::Redis(client) => f
+                .debug_tuple("Backend::Redis")
+                .field(&redacted(client))
+                .finish(),
+        }
+    }
+}
+
+/// The address of a Redis client, for logs: never its password.
+#[cfg(feature = "redis")]
+pub(crate) fn redacted(client: &::redis::Client) -> String {
+    match &client.get_connection_info().addr {
+        ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        other => other.to_string(),
+    }
+}
+
+impl Backend {
+    /// This process only: an in-memory L1 with per-key coalescing. No Redis needed.
+    pub fn local() -> Self {
+        Backend(BackendKind::Local)
+    }
+
+    /// Redis at `url` (for example `redis://127.0.0.1:6379/0`) as the shared L2, lock and
+    /// wake-up channel for a fleet. Nothing connects until the first request.
+    #[cfg(feature = "redis")]
+    pub fn redis(url: impl ::redis::IntoConnectionInfo) -> ::redis::RedisResult<Self> {
+        Ok(Self::redis_client(::redis::Client::open(url)?))
+    }
+
+    /// Redis through a client you built.
+    #[cfg(feature = "redis")]
+    pub fn redis_client(client: ::redis::Client) -> Self {
+        Backend(BackendKind::Redis(client))
+    }
+}
+
+/// A key as the tier sees it: the SHA-256 of the canonical key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct KeyHash(pub(crate) [u8; 32]);
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({})", self.short())
+    }
+}
+
+impl KeyHash {
+    /// The hash in hex: the Redis hash tag and the wake-up message.
+    pub(crate) fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// The first 16 hex digits, formatted only if a log or span asks for them.
+    pub(crate) fn short(&self) -> impl fmt::Display + '_ {
+        struct Short<'a>(&'a [u8; 32]);
+        impl fmt::Display for Short<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&hex(&self.0[..8]))
+            }
+        }
+        Short(&self.0)
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// Parses 64 hex digits back into a hash.
+pub(crate) fn parse_hex(s: &[u8]) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// A fresh random 128-bit token, as 32 hex digits.
+pub(crate) fn new_token() -> String {
+    hex(&rand::random::<[u8; 16]>())
+}
+
+/// Whole milliseconds, at least one (Redis refuses `PX 0`).
+pub(crate) fn millis(d: Duration) -> u64 {
+    (d.as_millis().min(u64::MAX as u128) as u64).max(1)
+}
+
+/// `base` plus a uniformly random part of `jitter`.
+pub(crate) fn jittered(base: Duration, jitter: Duration) -> Duration {
+    use rand::Rng;
+    if jitter.is_zero() {
+        return base;
+    }
+    base + rand::rng().random_range(Duration::ZERO..=jitter)
+}
+
+/// What the check-and-lock found.
+#[derive(Debug)]
+pub(crate) enum Check {
+    /// Bytes stored for the key (not yet judged: they may be foreign or expired).
+    Value(Bytes),
+    /// The lock is ours now.
+    Locked,
+    /// Another holder has the lock: its token, and the time left on its lease (`None`
+    /// for a lock with no expiry, which no holder of ours ever leaves).
+    Held {
+        token: Bytes,
+        left: Option<Duration>,
+    },
+    /// The attempt this caller waited on failed, with this status (its failure marker).
+    Failed(u16),
+}
+
+/// The options of one check-and-lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CheckOpts<'a> {
+    pub(crate) lease: Duration,
+    /// The bytes found last time were unusable: take the lock over them.
+    pub(crate) skip_value: bool,
+    /// Values larger than this are treated as absent (never read whole).
+    pub(crate) max_value: usize,
+    /// The holder token this caller waited on: if the lock is free and that attempt left
+    /// a failure marker, its outcome is the answer.
+    pub(crate) waited_on: Option<&'a [u8]>,
+}
+
+/// The shared tier of one node.
+pub(crate) enum Tier {
+    Local(local::LocalTier),
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisTier),
+}
+
+impl fmt::Debug for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tier::Local(_) => f.write_str("local"),
+            #[cfg(feature = "redis")]
+            Tier::Redis(r) => write!(f, "redis at {}", r.address()),
+        }
+    }
+}
+
+/// How a Redis tier is set up.
+#[derive(Clone, Debug)]
+pub(crate) struct TierConfig {
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
+}
+
+impl Tier {
+    pub(crate) fn new(backend: Backend, cfg: &TierConfig) -> Tier {
+        let _ = cfg;
+        match backend.0 {
+            BackendKind::Local => Tier::Local(local::LocalTier::default()),
+            #[cfg(feature = "redis")]
+            BackendKind::Redis(client) => Tier::Redis(redis::RedisTier::new(client, cfg)),
+        }
+    }
+
+    /// True for the local backend: there is no shared copy, L1 is the only one.
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self, Tier::Local(_))
+    }
+
+    /// The waiters of this process, by key.
+    pub(crate) fn wakers(&self) -> &Arc<Wakers> {
+        match self {
+            Tier::Local(t) => &t.wakers,
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => &t.wakers,
+        }
+    }
+
+    /// Starts hearing wake-ups for `sink` (once; later calls do nothing).
+    pub(crate) fn ensure_subscribed(&self, sink: std::sync::Weak<dyn WakeSink>) {
+        match self {
+            Tier::Local(_) => drop(sink),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.ensure_subscribed(sink),
+        }
+    }
+
+    pub(crate) async fn check_and_lock(
+        &self,
+        key: &KeyHash,
+        token: &str,
+        opts: CheckOpts<'_>,
+    ) -> Result<Check, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.check_and_lock(key, token, opts.lease)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.check_and_lock(key, token, opts).await,
+        }
+    }
+
+    /// Stores `bytes` for `ttl` (unless a newer entry, by `stored_at`, stands), releases
+    /// the lock if `token` holds it, and wakes the key's waiters. Returns whether the lock
+    /// was still held.
+    pub(crate) async fn store_release(
+        &self,
+        key: &KeyHash,
+        token: &str,
+        bytes: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.release(key, token)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.store_release(key, token, bytes, ttl).await,
+        }
+    }
+
+    /// Releases (if still ours) and wakes the waiters, for a fill with nothing to store.
+    pub(crate) async fn release(&self, key: &KeyHash, token: &str) -> Result<bool, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.release(key, token)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.release_publish(key, token).await,
+        }
+    }
+
+    /// Leaves a failure marker for `marker_ttl`, releases and tells the waiters that the
+    /// attempt failed with `status`.
+    pub(crate) async fn fail_release(
+        &self,
+        key: &KeyHash,
+        token: &str,
+        status: u16,
+        marker_ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.fail_release(key, token, status)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.fail_release(key, token, status, marker_ttl).await,
+        }
+    }
+
+    /// Extends the lease if `token` still holds the lock.
+    pub(crate) async fn extend(
+        &self,
+        key: &KeyHash,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.locks.extend(key.0, token, lease)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.extend(key, token, lease).await,
+        }
+    }
+
+    /// Takes over a lock still held by `old` (one with no expiry, or a lease no holder of
+    /// ours would set): compare-and-set to `token`.
+    pub(crate) async fn takeover(
+        &self,
+        key: &KeyHash,
+        old: &[u8],
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, BackendError> {
+        match self {
+            Tier::Local(t) => Ok(t.locks.takeover(key.0, old, token, lease)),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.takeover(key, old, token, lease).await,
+        }
+    }
+
+    /// Removes the stored value.
+    pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
+        match self {
+            Tier::Local(_) => Ok(()),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.remove(key).await,
+        }
+    }
+
+    /// Whether Redis answers, with its error when it does not (always `Ok` for local).
+    pub(crate) async fn ping(&self) -> Result<(), BackendError> {
+        match self {
+            Tier::Local(_) => Ok(()),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.ping().await,
+        }
+    }
+}
