@@ -44,8 +44,8 @@ pub(crate) enum Filled<B, E> {
 enum Held {
     Redis,
     Local,
-    /// No lock: Redis is failing (`store == false`) or the wait timed out (`store == true`,
-    /// Redis works, so the answer is still offered to it, without overwriting).
+    /// No lock: Redis is failing (`store == false`), or the wait or the check timed out
+    /// (`store == true`: the answer is still offered to Redis, over nothing newer).
     Nothing {
         store: bool,
     },
@@ -482,8 +482,11 @@ async fn contend_redis(
             Err(e) => {
                 shared.counters.incr(Event::redis_errors);
                 tracing::debug!(key = %key.short(), error = %e, "redis unavailable for the fill");
+                // A check that timed out may still run later and take the lock: offer the
+                // answer, which releases that lock too (same connection, so after it).
+                let store = e.is_timeout();
                 return match cfg.on_redis_error {
-                    FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
+                    FailurePolicy::Open => Contend::Lead(Held::Nothing { store }),
                     FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
                 };
             }

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redis::Value;
 
-use crate::conn::{BackendError, RedisConn};
+use crate::conn::{BackendError, Raced, RedisConn};
 use crate::key::Key;
 use crate::lock::millis;
 use crate::scripts;
+
+/// The largest value read while a check-and-lock stalls; a larger one waits for the
+/// check-and-lock instead.
+const READ_MAX: usize = 64 * 1024 * 1024;
 
 /// What the check-and-lock script found.
 #[derive(Debug)]
@@ -61,6 +65,8 @@ impl RedisStore {
         format!("{}:{{{}}}:lock", self.prefix, key.hex())
     }
 
+    /// Check-and-lock, one round trip. If it stalls (Redis holding writes back), a
+    /// read-only read on the read connection races it, and a value found is the answer.
     pub(crate) async fn check_and_lock(
         &self,
         key: &Key,
@@ -69,19 +75,35 @@ impl RedisStore {
         skip_value: bool,
     ) -> Result<Check, BackendError> {
         let (vk, lk) = (self.value_key(key), self.lock_key(key));
-        let reply: Vec<Value> = self
-            .conn
-            .run(|mut c| async move {
-                scripts::CHECK_AND_LOCK
-                    .key(vk)
-                    .key(lk)
-                    .arg(token)
-                    .arg(millis(lease))
-                    .arg(if skip_value { "1" } else { "0" })
-                    .invoke_async(&mut c)
+        let rk = vk.clone();
+        let write = |mut c: redis::aio::ConnectionManager| async move {
+            scripts::CHECK_AND_LOCK
+                .key(vk)
+                .key(lk)
+                .arg(token)
+                .arg(millis(lease))
+                .arg(if skip_value { "1" } else { "0" })
+                .invoke_async::<Vec<Value>>(&mut c)
+                .await
+        };
+        // A value known to be unusable is not worth reading again.
+        let reply = if skip_value {
+            self.conn.run(write).await?
+        } else {
+            let read = |mut c: redis::aio::ConnectionManager| async move {
+                redis::cmd("EVAL_RO")
+                    .arg(scripts::READ_VALUE)
+                    .arg(1)
+                    .arg(rk)
+                    .arg(READ_MAX)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
-            })
-            .await?;
+            };
+            match self.conn.run_or_read(write, read).await? {
+                Raced::Write(reply) => reply,
+                Raced::Read(value) => return Ok(Check::Value(Bytes::from(value))),
+            }
+        };
         match (int(reply.first()), reply.get(1)) {
             (Some(1), Some(Value::BulkString(b))) => Ok(Check::Value(Bytes::from(b.clone()))),
             (Some(2), _) => Ok(Check::Locked),
@@ -122,6 +144,9 @@ impl RedisStore {
                     .await
             })
             .await?;
+        if reply.get(1) == Some(&-1) {
+            tracing::debug!(key = %key.short(), "redis refused the store (out of memory?); released and woken anyway");
+        }
         Ok(reply.first() == Some(&1))
     }
 
