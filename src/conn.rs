@@ -349,7 +349,11 @@ impl RedisConn {
             }
             _ = tokio::time::sleep(stall) => {}
         }
-        let read = self.call(&self.reader, deadline.saturating_sub(started.elapsed()), read);
+        let read = self.call(
+            &self.reader,
+            deadline.saturating_sub(started.elapsed()),
+            read,
+        );
         tokio::pin!(read);
         let mut read_answered = None;
         loop {

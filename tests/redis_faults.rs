@@ -21,8 +21,16 @@ fn node(server: &RedisServer) -> StampedeBuilder {
 }
 
 /// One field of `INFO`, as a number.
-async fn info_field(conn: &mut redis::aio::MultiplexedConnection, section: &str, name: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg(section).query_async(conn).await.unwrap();
+async fn info_field(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    name: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .and_then(|v| v.trim().parse().ok())
@@ -98,7 +106,10 @@ async fn a_write_pause_still_serves_values_from_redis() {
     }
     assert_eq!(went_upstream, 0, "values in Redis went upstream");
     assert_eq!(stats.hits_redis, 50);
-    assert_eq!(stats.redis_errors, 0, "a write stall with a working read is no error");
+    assert_eq!(
+        stats.redis_errors, 0,
+        "a write stall with a working read is no error"
+    );
 }
 
 /// Redis killed long enough to open every node's breaker, then restarted: a cold key
@@ -187,8 +198,14 @@ async fn a_refused_store_still_releases_the_lock_and_wakes_the_waiters() {
     let (a, b) = (build(), build());
     let other = Upstream::new(Duration::ZERO);
     // Warm both nodes: scripts loaded, wake-ups subscribed.
-    a.layer(other.service()).oneshot(get("/warm-a")).await.unwrap();
-    b.layer(other.service()).oneshot(get("/warm-b")).await.unwrap();
+    a.layer(other.service())
+        .oneshot(get("/warm-a"))
+        .await
+        .unwrap();
+    b.layer(other.service())
+        .oneshot(get("/warm-b"))
+        .await
+        .unwrap();
     server.wait_for_keys("stampede:*:v", 2).await;
     loop {
         let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
@@ -299,7 +316,11 @@ async fn a_freeze_longer_than_the_lease_fails_open_and_keeps_the_newest_answer()
     let layers = [build(), build()];
     let services: Vec<_> = layers.iter().map(|l| l.layer(upstream.service())).collect();
     for (i, svc) in services.iter().enumerate() {
-        let res = svc.clone().oneshot(get(&format!("/warm{i}"))).await.unwrap();
+        let res = svc
+            .clone()
+            .oneshot(get(&format!("/warm{i}")))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
     server.wait_for_keys("stampede:*:v", 2).await;
@@ -339,9 +360,7 @@ async fn a_freeze_longer_than_the_lease_fails_open_and_keeps_the_newest_answer()
         match (value, &last) {
             // Our own commands since the last look: KEYS, KEYS, GETs, INFO.
             (Some(v), Some((prev, at)))
-                if locks.is_empty()
-                    && &v == prev
-                    && processed == at + 3 + values.len() as u64 =>
+                if locks.is_empty() && &v == prev && processed == at + 3 + values.len() as u64 =>
             {
                 break v
             }
@@ -359,12 +378,18 @@ async fn a_freeze_longer_than_the_lease_fails_open_and_keeps_the_newest_answer()
          {} upstream calls",
         upstream.calls()
     );
-    assert_eq!(in_redis, newest, "Redis holds an older answer than one served");
+    assert_eq!(
+        in_redis, newest,
+        "Redis holds an older answer than one served"
+    );
 
     for (i, svc) in services.iter().enumerate() {
         let res = svc.clone().oneshot(get("/k")).await.unwrap();
         let cs = cache_status(&res);
         assert_eq!(res.status(), StatusCode::OK);
-        eprintln!("after the freeze node {i} serves {:?} ({cs})", text(res).await);
+        eprintln!(
+            "after the freeze node {i} serves {:?} ({cs})",
+            text(res).await
+        );
     }
 }
