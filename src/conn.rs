@@ -1,8 +1,9 @@
 //! A lazily connected Redis handle with a deadline on every call and a circuit breaker.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -22,15 +23,58 @@ pub enum BackendError {
     CircuitOpen,
 }
 
-/// Counts consecutive failures; past `threshold` it opens for `cooldown`.
+/// How long failures are remembered: `threshold` of them within this window open the
+/// breaker.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// A trial that has not reported back within this long (its caller went away) is
+/// presumed lost, and the next call becomes the trial.
+const TRIAL_LOST: Duration = Duration::from_secs(2);
+
+/// What the breaker lets one call do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Permit {
+    /// Closed: call Redis.
+    Call,
+    /// Half-open: this call is the one trial; its outcome closes or re-opens the breaker.
+    Trial,
+    /// Open, or half-open with a trial running: skip Redis.
+    Skip,
+}
+
+/// A change of the breaker's state, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Transition {
+    /// Closed to open: `threshold` failures within the window.
+    Opened,
+    /// The trial failed: open for another cool-down.
+    Reopened,
+    /// The trial succeeded.
+    Closed,
+}
+
+#[derive(Debug)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { since: Instant },
+}
+
+#[derive(Debug)]
+struct BreakerState {
+    state: State,
+    /// While closed: the times of the latest failures, oldest first, at most `threshold`.
+    failures: VecDeque<Instant>,
+}
+
+/// A circuit breaker: `threshold` failures within [`WINDOW`] open it for `cooldown`; then
+/// one trial call goes through (others still skip Redis) and its outcome closes it or
+/// opens it for another cool-down. Time is passed in, so the state machine is testable.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
-    failures: AtomicU32,
-    /// Milliseconds since `epoch` until which calls are refused.
-    open_until: AtomicU64,
-    epoch: Instant,
+    inner: Mutex<BreakerState>,
 }
 
 impl Breaker {
@@ -39,37 +83,89 @@ impl Breaker {
         Self {
             threshold,
             cooldown,
-            failures: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
-            epoch: Instant::now(),
+            inner: Mutex::new(BreakerState {
+                state: State::Closed,
+                failures: VecDeque::new(),
+            }),
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn allows(&self) -> bool {
-        self.now_ms() >= self.open_until.load(Ordering::Relaxed)
-    }
-
-    fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-    }
-
-    /// Records a failure; returns true when this failure opened the breaker.
-    fn failure(&self) -> bool {
+    /// Whether a call starting at `now` may go to Redis.
+    pub(crate) fn permit(&self, now: Instant) -> Permit {
         if self.threshold == 0 {
-            return false;
+            return Permit::Call;
         }
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.threshold {
-            self.failures.store(0, Ordering::Relaxed);
-            let until = self.now_ms() + self.cooldown.as_millis() as u64;
-            self.open_until.store(until, Ordering::Relaxed);
-            return true;
+        let mut inner = self.lock();
+        match inner.state {
+            State::Closed => Permit::Call,
+            State::Open { until } if now < until => Permit::Skip,
+            State::HalfOpen { since } if now.saturating_duration_since(since) < TRIAL_LOST => {
+                Permit::Skip
+            }
+            State::Open { .. } | State::HalfOpen { .. } => {
+                inner.state = State::HalfOpen { since: now };
+                Permit::Trial
+            }
         }
-        false
+    }
+
+    /// Records that a call made under `permit` got an answer.
+    pub(crate) fn success(&self, permit: Permit) -> Option<Transition> {
+        if permit != Permit::Trial {
+            return None;
+        }
+        let mut inner = self.lock();
+        if !matches!(inner.state, State::HalfOpen { .. }) {
+            return None;
+        }
+        inner.state = State::Closed;
+        inner.failures.clear();
+        Some(Transition::Closed)
+    }
+
+    /// Records that a call made under `permit` failed at `now`.
+    pub(crate) fn failure(&self, permit: Permit, now: Instant) -> Option<Transition> {
+        if self.threshold == 0 {
+            return None;
+        }
+        let mut inner = self.lock();
+        match (&inner.state, permit) {
+            (State::HalfOpen { .. }, Permit::Trial) => {
+                inner.state = State::Open {
+                    until: now + self.cooldown,
+                };
+                Some(Transition::Reopened)
+            }
+            (State::Closed, _) => {
+                let threshold = self.threshold as usize;
+                let failures = &mut inner.failures;
+                while failures
+                    .front()
+                    .is_some_and(|t| now.saturating_duration_since(*t) >= WINDOW)
+                {
+                    failures.pop_front();
+                }
+                failures.push_back(now);
+                while failures.len() > threshold {
+                    failures.pop_front();
+                }
+                if failures.len() < threshold {
+                    return None;
+                }
+                inner.failures.clear();
+                inner.state = State::Open {
+                    until: now + self.cooldown,
+                };
+                Some(Transition::Opened)
+            }
+            // Open already, or a call that started before it opened: one outage, one
+            // opening.
+            _ => None,
+        }
     }
 }
 
@@ -77,25 +173,49 @@ impl Breaker {
 #[derive(Debug)]
 pub(crate) struct RedisConn {
     client: redis::Client,
+    /// Scripts and writes.
     manager: OnceLock<ConnectionManager>,
+    /// Read-only calls made while a write stalls: a blocked script holds back every later
+    /// command on its connection, so reads get one of their own. Opened at the first stall.
+    reader: OnceLock<ConnectionManager>,
     timeout: Duration,
     breaker: Breaker,
     /// Set by the first answer: until then calls may also wait for the connection and
     /// the first script loads, so they get [`CONNECT_TIMEOUT`] at least.
-    warm: std::sync::atomic::AtomicBool,
+    warm: AtomicBool,
 }
 
 /// The deadline of calls made before Redis first answered.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What [`RedisConn::run_or_read`] got: the write's answer, or a usable read.
+#[derive(Debug)]
+pub(crate) enum Raced<W, R> {
+    Write(W),
+    Read(R),
+}
+
+impl BackendError {
+    /// Redis did not answer in time: it may be slow or frozen rather than gone, and the
+    /// command sent may still run later.
+    pub(crate) fn is_timeout(&self) -> bool {
+        match self {
+            BackendError::Timeout(_) => true,
+            BackendError::Redis(e) => e.is_timeout(),
+            BackendError::CircuitOpen => false,
+        }
+    }
+}
 
 impl RedisConn {
     pub(crate) fn new(client: redis::Client, timeout: Duration, breaker: Breaker) -> Self {
         Self {
             client,
             manager: OnceLock::new(),
+            reader: OnceLock::new(),
             timeout,
             breaker,
-            warm: std::sync::atomic::AtomicBool::new(false),
+            warm: AtomicBool::new(false),
         }
     }
 
@@ -107,8 +227,8 @@ impl RedisConn {
         self.timeout
     }
 
-    fn manager(&self) -> RedisResult<ConnectionManager> {
-        if let Some(m) = self.manager.get() {
+    fn manager_in(&self, cell: &OnceLock<ConnectionManager>) -> RedisResult<ConnectionManager> {
+        if let Some(m) = cell.get() {
             return Ok(m.clone());
         }
         let config = ConnectionManagerConfig::new()
@@ -118,7 +238,70 @@ impl RedisConn {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(self.timeout);
         let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        Ok(self.manager.get_or_init(|| m).clone())
+        Ok(cell.get_or_init(|| m).clone())
+    }
+
+    fn deadline(&self) -> Duration {
+        if self.warm.load(Ordering::Relaxed) {
+            self.timeout
+        } else {
+            self.timeout.max(CONNECT_TIMEOUT)
+        }
+    }
+
+    /// One operation on the connection in `cell` under `deadline`; the breaker is not
+    /// consulted.
+    async fn call<T, F, Fut>(
+        &self,
+        cell: &OnceLock<ConnectionManager>,
+        deadline: Duration,
+        op: F,
+    ) -> Result<T, BackendError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let conn = self.manager_in(cell)?;
+        match tokio::time::timeout(deadline, op(conn)).await {
+            Ok(Ok(v)) => {
+                self.warm.store(true, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(BackendError::Redis(e)),
+            Err(_) => Err(BackendError::Timeout(deadline)),
+        }
+    }
+
+    fn permit(&self) -> Result<Permit, BackendError> {
+        match self.breaker.permit(Instant::now()) {
+            Permit::Skip => Err(BackendError::CircuitOpen),
+            permit => Ok(permit),
+        }
+    }
+
+    /// Feeds the breaker with the outcome of a call made under `permit`, and logs its
+    /// openings and closings.
+    fn record(&self, permit: Permit, failed: Option<&BackendError>) {
+        let transition = match failed {
+            None => self.breaker.success(permit),
+            Some(_) => self.breaker.failure(permit, Instant::now()),
+        };
+        match (transition, failed) {
+            (Some(Transition::Opened), Some(e)) => tracing::warn!(
+                error = %e,
+                cooldown = ?self.breaker.cooldown,
+                "redis failing; skipping it for a cool-down"
+            ),
+            (Some(Transition::Reopened), Some(e)) => tracing::debug!(
+                error = %e,
+                cooldown = ?self.breaker.cooldown,
+                "redis still failing after the cool-down; skipping it for another"
+            ),
+            (Some(Transition::Closed), _) => {
+                tracing::info!("redis answering again; no longer skipped")
+            }
+            _ => {}
+        }
     }
 
     /// Runs one Redis operation under the deadline and the breaker.
@@ -127,45 +310,85 @@ impl RedisConn {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        if !self.breaker.allows() {
-            return Err(BackendError::CircuitOpen);
+        let permit = self.permit()?;
+        let result = self.call(&self.manager, self.deadline(), op).await;
+        self.record(permit, result.as_ref().err());
+        result
+    }
+
+    /// Runs `write` under the deadline and the breaker, like [`run`](Self::run). If it has
+    /// not answered within a fifth of the deadline (Redis may be refusing writes for a
+    /// while, as during a failover's `CLIENT PAUSE WRITE`), `read` also runs, on the read
+    /// connection, within what is left of the deadline: a `Some` it returns is the answer.
+    /// A write that times out while the read got an answer is no failure for the breaker:
+    /// Redis is there, only slow to write.
+    pub(crate) async fn run_or_read<W, R, F, Fut, G, Gut>(
+        &self,
+        write: F,
+        read: G,
+    ) -> Result<Raced<W, R>, BackendError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<W>>,
+        G: FnOnce(ConnectionManager) -> Gut,
+        Gut: Future<Output = RedisResult<Option<R>>>,
+    {
+        let permit = self.permit()?;
+        let warm = self.warm.load(Ordering::Relaxed);
+        let deadline = self.deadline();
+        let started = tokio::time::Instant::now();
+        let write = self.call(&self.manager, deadline, write);
+        tokio::pin!(write);
+        // A cold connection's first call is slow for reasons of its own.
+        let stall = if warm { self.timeout / 5 } else { deadline };
+        tokio::select! {
+            biased;
+            result = &mut write => {
+                self.record(permit, result.as_ref().err());
+                return result.map(Raced::Write);
+            }
+            _ = tokio::time::sleep(stall) => {}
         }
-        self.run_always(op).await
+        let read = self.call(
+            &self.reader,
+            deadline.saturating_sub(started.elapsed()),
+            read,
+        );
+        tokio::pin!(read);
+        let mut read_answered = None;
+        loop {
+            tokio::select! {
+                biased;
+                result = &mut write => {
+                    let failed = result.as_ref().err().filter(|_| read_answered != Some(true));
+                    self.record(permit, failed);
+                    return result.map(Raced::Write);
+                }
+                result = &mut read, if read_answered.is_none() => match result {
+                    Ok(Some(value)) => {
+                        self.record(permit, None);
+                        return Ok(Raced::Read(value));
+                    }
+                    Ok(None) => read_answered = Some(true),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "read during a stalled write failed");
+                        read_answered = Some(false);
+                    }
+                },
+            }
+        }
     }
 
     /// Runs one Redis operation under the deadline even while the breaker is open: for a
     /// lock holder's store, release and extension, which must not strand its lock until the
-    /// lease runs out because other requests failed.
+    /// lease runs out because other requests failed. It does not feed the breaker either:
+    /// a write held back by a write pause is not a dead Redis.
     pub(crate) async fn run_always<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let deadline = if self.warm.load(Ordering::Relaxed) {
-            self.timeout
-        } else {
-            self.timeout.max(CONNECT_TIMEOUT)
-        };
-        let result = match self.manager() {
-            Ok(conn) => match tokio::time::timeout(deadline, op(conn)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(BackendError::Redis(e)),
-                Err(_) => Err(BackendError::Timeout(deadline)),
-            },
-            Err(e) => Err(BackendError::Redis(e)),
-        };
-        match &result {
-            Ok(_) => {
-                self.breaker.success();
-                self.warm.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                if self.breaker.failure() {
-                    tracing::warn!(error = %e, "redis failing; skipping it for a cool-down");
-                }
-            }
-        }
-        result
+        self.call(&self.manager, self.deadline(), op).await
     }
 }
 
@@ -173,21 +396,109 @@ impl RedisConn {
 mod tests {
     use super::*;
 
-    #[test]
-    fn breaker_opens_after_threshold_and_never_with_zero() {
-        let b = Breaker::new(3, Duration::from_secs(60));
-        assert!(!b.failure());
-        b.success();
-        assert!(!b.failure());
-        assert!(!b.failure());
-        assert!(b.allows());
-        assert!(b.failure());
-        assert!(!b.allows());
+    const MS: Duration = Duration::from_millis(1);
 
-        let never = Breaker::new(0, Duration::from_secs(60));
-        for _ in 0..10 {
-            assert!(!never.failure());
+    /// Opens `b` at `t` with `threshold` failures.
+    fn open(b: &Breaker, t: Instant, threshold: u32) {
+        for i in 0..threshold {
+            let expected = (i + 1 == threshold).then_some(Transition::Opened);
+            assert_eq!(b.failure(Permit::Call, t), expected, "failure {i}");
         }
-        assert!(never.allows());
+    }
+
+    #[test]
+    fn opens_on_threshold_failures_within_the_window_only() {
+        let t0 = Instant::now();
+        let b = Breaker::new(3, Duration::from_secs(1));
+        // Failures spread wider than the window never add up.
+        for i in 0..10 {
+            let t = t0 + WINDOW * i;
+            assert_eq!(b.failure(Permit::Call, t), None);
+            assert_eq!(b.failure(Permit::Call, t + 400 * MS), None);
+            assert_eq!(b.permit(t + 500 * MS), Permit::Call);
+        }
+        // Three within one window open it.
+        let t = t0 + WINDOW * 20;
+        assert_eq!(b.failure(Permit::Call, t), None);
+        assert_eq!(b.failure(Permit::Call, t + 300 * MS), None);
+        assert_eq!(
+            b.failure(Permit::Call, t + 900 * MS),
+            Some(Transition::Opened)
+        );
+        assert_eq!(b.permit(t + 901 * MS), Permit::Skip);
+    }
+
+    #[test]
+    fn one_outage_opens_once() {
+        let t = Instant::now();
+        let b = Breaker::new(3, Duration::from_secs(1));
+        open(&b, t, 3);
+        // Calls in flight when it opened fail too: no second opening, no longer cool-down.
+        for _ in 0..20 {
+            assert_eq!(b.failure(Permit::Call, t + 10 * MS), None);
+        }
+        assert_eq!(b.permit(t + 999 * MS), Permit::Skip);
+        assert_eq!(b.permit(t + 1000 * MS), Permit::Trial);
+    }
+
+    #[test]
+    fn after_the_cooldown_one_trial_goes_through_and_its_success_closes() {
+        let t = Instant::now();
+        let b = Breaker::new(3, Duration::from_secs(1));
+        open(&b, t, 3);
+        let after = t + Duration::from_secs(1);
+        assert_eq!(b.permit(after), Permit::Trial);
+        // Half-open: everyone else still skips Redis while the trial runs.
+        for i in 1..50 {
+            assert_eq!(b.permit(after + i * MS), Permit::Skip);
+        }
+        // Another call's success (one past the breaker) does not close it.
+        assert_eq!(b.success(Permit::Call), None);
+        assert_eq!(b.permit(after + 60 * MS), Permit::Skip);
+        assert_eq!(b.success(Permit::Trial), Some(Transition::Closed));
+        assert_eq!(b.permit(after + 61 * MS), Permit::Call);
+        // Closed afresh: the failures of the outage are forgotten.
+        assert_eq!(b.failure(Permit::Call, after + 62 * MS), None);
+        assert_eq!(b.failure(Permit::Call, after + 63 * MS), None);
+        assert_eq!(b.permit(after + 64 * MS), Permit::Call);
+    }
+
+    #[test]
+    fn a_failed_trial_opens_for_another_cooldown() {
+        let t = Instant::now();
+        let b = Breaker::new(3, Duration::from_secs(1));
+        open(&b, t, 3);
+        let trial = t + Duration::from_secs(1);
+        assert_eq!(b.permit(trial), Permit::Trial);
+        // Other calls failing while the trial runs change nothing.
+        assert_eq!(b.failure(Permit::Call, trial + 10 * MS), None);
+        assert_eq!(
+            b.failure(Permit::Trial, trial + 100 * MS),
+            Some(Transition::Reopened)
+        );
+        assert_eq!(b.permit(trial + 1099 * MS), Permit::Skip);
+        assert_eq!(b.permit(trial + 1100 * MS), Permit::Trial);
+        assert_eq!(b.success(Permit::Trial), Some(Transition::Closed));
+    }
+
+    #[test]
+    fn a_trial_that_never_reports_is_replaced() {
+        let t = Instant::now();
+        let b = Breaker::new(1, Duration::from_secs(1));
+        open(&b, t, 1);
+        let trial = t + Duration::from_secs(1);
+        assert_eq!(b.permit(trial), Permit::Trial);
+        assert_eq!(b.permit(trial + TRIAL_LOST - MS), Permit::Skip);
+        assert_eq!(b.permit(trial + TRIAL_LOST), Permit::Trial);
+    }
+
+    #[test]
+    fn zero_threshold_never_opens() {
+        let t = Instant::now();
+        let never = Breaker::new(0, Duration::from_secs(60));
+        for i in 0..10 {
+            assert_eq!(never.failure(Permit::Call, t + i * MS), None);
+        }
+        assert_eq!(never.permit(t + 10 * MS), Permit::Call);
     }
 }

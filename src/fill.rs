@@ -49,8 +49,8 @@ pub(crate) enum Filled<B, E> {
 enum Held {
     Redis,
     Local,
-    /// No lock: Redis is failing (`store == false`) or the wait timed out (`store == true`,
-    /// Redis works, so the answer is still offered to it, without overwriting).
+    /// No lock: Redis is failing (`store == false`), or the wait or the check timed out
+    /// (`store == true`: the answer is still offered to Redis, over nothing newer).
     Nothing {
         store: bool,
     },
@@ -561,8 +561,11 @@ async fn contend_redis(
 fn redis_failed(shared: &Shared, key: &Key, e: crate::conn::BackendError) -> Contend {
     shared.counters.incr(Event::redis_errors);
     tracing::debug!(key = %key.short(), error = %e, "redis unavailable for the fill");
+    // A check that timed out may still run later and take the lock: offer the answer,
+    // which releases that lock too (same connection, so after it).
+    let store = e.is_timeout();
     match shared.cfg.on_redis_error {
-        FailurePolicy::Open => Contend::Lead(Held::Nothing { store: false }),
+        FailurePolicy::Open => Contend::Lead(Held::Nothing { store }),
         FailurePolicy::Closed => Contend::Refuse(Outcome::RedisUnavailable),
     }
 }

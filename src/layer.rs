@@ -366,7 +366,7 @@ impl Default for StampedeBuilder {
             key_fn: None,
             redis_timeout: Duration::from_millis(250),
             breaker_failures: 3,
-            breaker_cooldown: Duration::from_secs(5),
+            breaker_cooldown: Duration::from_secs(1),
         }
     }
 }
@@ -551,8 +551,11 @@ impl StampedeBuilder {
         self
     }
 
-    /// After `failures` Redis errors in a row, skip Redis for `cooldown`. Default 3 and
-    /// 5 s; `failures == 0` never skips.
+    /// After `failures` Redis errors within one second, skip Redis for `cooldown`; then one
+    /// trial call goes to Redis (the others still skip it) and its success ends the skipping,
+    /// its failure starts another cool-down. Default 3 and 1 s; `failures == 0` never skips.
+    /// A call that times out while a read on the second connection got an answer (Redis
+    /// holding writes back, as in a failover) is no failure.
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_failures = failures;
         self.breaker_cooldown = cooldown;

@@ -64,23 +64,51 @@ return 0",
 });
 
 /// Store-release-publish. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] bytes,
-/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6] "1" to append the stored
-/// bytes to the message (waiters then need no read).
-/// A holder overwrites; a leader whose lease lapsed only writes where nothing newer stands.
-/// Returns {held 0|1, stored 0|1}.
+/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6] "1" to append the bytes to
+/// the message (waiters then need no read).
+/// A holder writes unless a newer envelope stands; a leader without the lock (its lease
+/// lapsed, or Redis did not answer its check) only where nothing or an older envelope
+/// stands. Newer is by `stored_at`, read from the standing envelope's header (layout at the
+/// top of `envelope.rs`) and compared byte by byte, so that writes queued while Redis was
+/// frozen cannot replace a later answer with an earlier one, whatever order they run in.
+/// The SET runs under `pcall`: a write Redis refuses (out of memory) still releases the
+/// lock and publishes, with the bytes inline, so that waiters get the answer anyway.
+/// Returns {held 0|1, stored 1 | 0 (something newer stands) | -1 (Redis refused it)}.
 pub(crate) static STORE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"local held = redis.call('GET', KEYS[2]) == ARGV[1]
-local stored = 0
-if held then
-    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-    redis.call('DEL', KEYS[2])
-    stored = 1
-elseif redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then
-    stored = 1
+        r"local value = ARGV[2]
+local held = redis.call('GET', KEYS[2]) == ARGV[1]
+local function standing()
+    local head = redis.pcall('GETRANGE', KEYS[1], 0, 8)
+    if type(head) ~= 'string' then return 'foreign' end
+    if #head == 0 then return 'none' end
+    if #value < 19 or #head < 9 or string.sub(head, 1, 4) ~= string.sub(value, 1, 4)
+        or string.sub(head, 6, 9) ~= string.sub(value, 6, 9) then
+        return 'foreign'
+    end
+    local b1, b2, b3, b4 = string.byte(value, 6, 9)
+    local at = ((b1 * 256 + b2) * 256 + b3) * 256 + b4 + 11
+    if #value < at + 8 then return 'foreign' end
+    local theirs = redis.pcall('GETRANGE', KEYS[1], at, at + 7)
+    if type(theirs) ~= 'string' or #theirs < 8 then return 'foreign' end
+    for i = 1, 8 do
+        local a, b = string.byte(theirs, i), string.byte(value, at + i)
+        if a ~= b then
+            if a > b then return 'newer' end
+            return 'older'
+        end
+    end
+    return 'same'
 end
-if stored == 1 and ARGV[6] == '1' then
-    redis.call('PUBLISH', ARGV[4], ARGV[5] .. ARGV[2])
+local s = standing()
+local stored = 0
+if (held and s ~= 'newer') or s == 'none' or s == 'older' then
+    local ok = redis.pcall('SET', KEYS[1], value, 'PX', ARGV[3])
+    if type(ok) == 'table' and ok.err then stored = -1 else stored = 1 end
+end
+if held then redis.call('DEL', KEYS[2]) end
+if stored ~= 0 and ARGV[6] == '1' then
+    redis.call('PUBLISH', ARGV[4], ARGV[5] .. value)
 else
     redis.call('PUBLISH', ARGV[4], ARGV[5])
 end
@@ -120,3 +148,10 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return held",
     )
 });
+
+/// A read-only read of a value, for `EVAL_RO` while a write stalls. KEYS[1] value;
+/// ARGV[1] the largest length read. Returns the value, or nil when there is none or it is
+/// larger.
+pub(crate) const READ_VALUE: &str = r"local n = redis.call('STRLEN', KEYS[1])
+if n == 0 or n > tonumber(ARGV[1]) then return false end
+return redis.call('GET', KEYS[1])";

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redis::Value;
 
-use crate::conn::{BackendError, RedisConn};
+use crate::conn::{BackendError, Raced, RedisConn};
 use crate::key::Key;
 use crate::lock::millis;
 use crate::scripts;
@@ -72,6 +72,8 @@ impl RedisStore {
         format!("{}:{{{}}}:fail", self.prefix, key.hex())
     }
 
+    /// Check-and-lock, one round trip. If it stalls (Redis holding writes back), a
+    /// read-only read on the read connection races it, and a value found is the answer.
     pub(crate) async fn check_and_lock(
         &self,
         key: &Key,
@@ -82,20 +84,36 @@ impl RedisStore {
         let (vk, lk) = (self.value_key(key), self.lock_key(key));
         // Larger bytes cannot be an envelope of ours: never read them.
         let max_value = crate::envelope::max_encoded_len(key.canonical.len(), self.max_body);
-        let reply: Vec<Value> = self
-            .conn
-            .run(|mut c| async move {
-                scripts::CHECK_AND_LOCK
-                    .key(vk)
-                    .key(lk)
-                    .arg(token)
-                    .arg(millis(lease))
-                    .arg(if skip_value { "1" } else { "0" })
+        let rk = vk.clone();
+        let write = |mut c: redis::aio::ConnectionManager| async move {
+            scripts::CHECK_AND_LOCK
+                .key(vk)
+                .key(lk)
+                .arg(token)
+                .arg(millis(lease))
+                .arg(if skip_value { "1" } else { "0" })
+                .arg(max_value)
+                .invoke_async::<Vec<Value>>(&mut c)
+                .await
+        };
+        // A value known to be unusable is not worth reading again.
+        let reply = if skip_value {
+            self.conn.run(write).await?
+        } else {
+            let read = |mut c: redis::aio::ConnectionManager| async move {
+                redis::cmd("EVAL_RO")
+                    .arg(scripts::READ_VALUE)
+                    .arg(1)
+                    .arg(rk)
                     .arg(max_value)
-                    .invoke_async(&mut c)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
-            })
-            .await?;
+            };
+            match self.conn.run_or_read(write, read).await? {
+                Raced::Write(reply) => reply,
+                Raced::Read(value) => return Ok(Check::Value(Bytes::from(value))),
+            }
+        };
         let mut reply = reply.into_iter();
         match (int(reply.next().as_ref()), reply.next(), reply.next()) {
             (Some(1), Some(Value::BulkString(b)), _) => Ok(Check::Value(Bytes::from(b))),
@@ -171,6 +189,9 @@ impl RedisStore {
                     .await
             })
             .await?;
+        if reply.get(1) == Some(&-1) {
+            tracing::debug!(key = %key.short(), "redis refused the store (out of memory?); released and woken anyway");
+        }
         Ok(reply.first() == Some(&1))
     }
 
