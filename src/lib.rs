@@ -2,88 +2,92 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod body;
-mod bounds;
-mod conn;
-mod envelope;
-mod fill;
-mod future;
-mod key;
-mod layer;
+pub mod cache;
+mod http;
+#[cfg(feature = "redis")]
 pub mod lock;
-mod policy;
-mod scripts;
-mod service;
 mod stats;
-mod status;
-mod store;
-mod wake;
+mod tier;
 
-pub use body::StampedeBody;
-pub use conn::BackendError;
-pub use future::ResponseFuture;
-pub use key::default_key;
-pub use layer::{Backend, Memory, StampedeBuilder, StampedeLayer};
-pub use policy::{FailurePolicy, PrivateRequests};
-pub use service::Stampede;
+pub use cache::{Cache, CacheBuilder, EntryOptions, Error, FailurePolicy, Memory};
+pub use http::{
+    default_key, PrivateRequests, ResponseFuture, Stampede, StampedeBody, StampedeBuilder,
+    StampedeLayer,
+};
 pub use stats::Stats;
+pub use tier::{Backend, BackendError};
 
 /// The boxed error of response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Internals for the benchmarks in `benches/`; not part of the API.
+/// Internals for the benchmarks in `benches/` (feature `__bench`); not part of the API.
+#[cfg(feature = "__bench")]
 #[doc(hidden)]
 pub mod __bench {
     use bytes::Bytes;
 
-    use crate::envelope::{Entry, Kind};
+    use crate::cache::entry::{self, Meta, Windows};
+    use crate::cache::Codec;
+    use crate::http::stored::{HttpCodec, Response};
 
     /// A stored response of `body_len` bytes with a few typical headers.
-    pub struct Envelope(Entry);
+    pub struct Envelope {
+        key: String,
+        meta: Meta,
+        response: Response,
+    }
 
     impl Envelope {
         /// Builds the sample.
         pub fn sample(key: &str, body_len: usize) -> Envelope {
-            let mut headers = http::HeaderMap::new();
+            let mut headers = ::http::HeaderMap::new();
             headers.insert(
                 "content-type",
-                http::HeaderValue::from_static("application/json"),
+                ::http::HeaderValue::from_static("application/json"),
             );
             headers.insert(
                 "etag",
-                http::HeaderValue::from_static("\"5d8c72a5edda8d6a\""),
+                ::http::HeaderValue::from_static("\"5d8c72a5edda8d6a\""),
             );
             headers.insert(
                 "cache-control",
-                http::HeaderValue::from_static("public, max-age=60"),
+                ::http::HeaderValue::from_static("public, max-age=60"),
             );
-            Envelope(Entry {
-                kind: Kind::Response,
+            let windows = Windows {
+                ttl: std::time::Duration::from_secs(60),
+                grace: std::time::Duration::ZERO,
+                stale_if_error: std::time::Duration::ZERO,
+            };
+            Envelope {
                 key: key.to_owned(),
-                status: http::StatusCode::OK,
-                headers,
-                body: Bytes::from(vec![b'x'; body_len]),
-                stored_at: 1,
-                fresh_until: 2,
-                revalidate_until: 3,
-                stale_until: 4,
-                fill_ms: 5,
-            })
+                meta: Meta::value(1, windows, 5, Vec::new()),
+                response: Response {
+                    status: ::http::StatusCode::OK,
+                    headers,
+                    body: Bytes::from(vec![b'x'; body_len]),
+                },
+            }
         }
 
         /// Encodes it.
         pub fn encode(&self) -> Vec<u8> {
-            self.0.encode()
+            let payload = HttpCodec::encode(&self.response).unwrap_or_default();
+            entry::encode(&self.key, &self.meta, &payload)
         }
 
         /// Decodes `bytes` for `key`; true when valid.
         pub fn decode(bytes: Bytes, key: &str) -> bool {
-            Entry::decode(bytes, key).is_ok()
+            entry::decode(&bytes, key)
+                .ok()
+                .and_then(|(_, payload)| HttpCodec::decode(&payload).ok())
+                .is_some()
         }
     }
 
     /// The default key of a request, hashed as the layer does.
-    pub fn key_hash(parts: &http::request::Parts) -> [u8; 32] {
-        crate::key::Key::new(crate::key::default_key(parts), parts, &[], false).hash
+    pub fn key_hash(parts: &::http::request::Parts) -> [u8; 32] {
+        let canonical =
+            crate::http::key::request_key(crate::http::key::default_key(parts), parts, &[], false);
+        crate::cache::flight::Key::new(canonical).hash.0
     }
 }

@@ -7,6 +7,7 @@ macro_rules! events {
         /// One counted event.
         #[derive(Clone, Copy, Debug)]
         #[allow(non_camel_case_types)]
+        #[cfg_attr(not(feature = "redis"), allow(dead_code))]
         pub(crate) enum Event { $($field,)* }
 
         const EVENTS: usize = [$(stringify!($field)),*].len();

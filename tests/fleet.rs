@@ -149,7 +149,10 @@ async fn failing_upstream_answers_everyone(panic: bool) {
         ));
     }
     // Let the first upstream call fail once all 30 requests are queued behind it.
-    while layers.iter().map(|l| l.stats().misses).sum::<u64>() < 30 {
+    // ...and the two other nodes wait on its lock (each node's flight waits once).
+    while layers.iter().map(|l| l.stats().misses).sum::<u64>() < 30
+        || layers.iter().map(|l| l.stats().lock_waited).sum::<u64>() < 2
+    {
         tokio::task::yield_now().await;
     }
     release.wait().await;

@@ -70,29 +70,35 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A well-formed envelope (the layout documented in `src/envelope.rs`) for the default
-/// key of `path`, fresh for an hour, with `n_headers` distinct header names.
+/// A well-formed envelope (the layout documented in `src/cache/entry.rs`, around the
+/// stored answer of `src/http/stored.rs`) for the default key of `path`, fresh for an
+/// hour, with `n_headers` distinct header names.
 fn envelope(path: &str, n_headers: u16, body: &[u8]) -> Vec<u8> {
     let key = format!("GET http://test{path}");
     let now = now_ms();
-    let mut out = b"TSE\x01\x00".to_vec();
+    let mut payload = 200u16.to_be_bytes().to_vec();
+    payload.extend(n_headers.to_be_bytes());
+    for i in 0..n_headers {
+        let name = format!("x-h{i}");
+        payload.extend((name.len() as u16).to_be_bytes());
+        payload.extend(name.as_bytes());
+        payload.extend(1u32.to_be_bytes());
+        payload.push(b'v');
+    }
+    payload.extend((body.len() as u32).to_be_bytes());
+    payload.extend(body);
+
+    let mut out = b"TSE\x02\x00".to_vec();
     out.extend((key.len() as u32).to_be_bytes());
     out.extend(key.as_bytes());
-    out.extend(200u16.to_be_bytes());
     for t in [now, now + 3_600_000, now + 3_600_000, now + 3_600_000] {
         out.extend(t.to_be_bytes());
     }
     out.extend(1u32.to_be_bytes());
-    out.extend(n_headers.to_be_bytes());
-    for i in 0..n_headers {
-        let name = format!("x-h{i}");
-        out.extend((name.len() as u16).to_be_bytes());
-        out.extend(name.as_bytes());
-        out.extend(1u32.to_be_bytes());
-        out.push(b'v');
-    }
-    out.extend((body.len() as u32).to_be_bytes());
-    out.extend(body);
+    // No tags.
+    out.extend(0u16.to_be_bytes());
+    out.extend((payload.len() as u32).to_be_bytes());
+    out.extend(payload);
     out
 }
 
@@ -385,7 +391,7 @@ async fn a_hostile_wake_up_message_does_not_stop_wake_ups() {
         assert_eq!(publish(&mut conn, &[b'0'; 64]).await, 1);
         heard_all(1).await;
         let bytes: Vec<u8> = conn.get(value_key(&path)).await.unwrap();
-        let at = 3 + 1 + 1 + 4 + format!("GET http://test{path}").len() + 2 + 8;
+        let at = 3 + 1 + 1 + 4 + format!("GET http://test{path}").len() + 8;
         let fresh_until = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
         if now_ms() < fresh_until {
             break (path, fresh_until);

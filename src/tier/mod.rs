@@ -13,15 +13,19 @@
 //! This room imports nothing from `cache` or `http`: what it hears from Redis it hands
 //! upward through the [`WakeSink`] trait.
 
+// Without Redis, parts of the interface (values, failure markers, wake-up messages) have
+// no backend that produces them.
+#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-pub(crate) mod local;
 #[cfg(feature = "redis")]
 pub(crate) mod conn;
+pub(crate) mod local;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 #[cfg(feature = "redis")]
@@ -68,7 +72,7 @@ impl fmt::Debug for Backend {
 /// The address of a Redis client, for logs: never its password.
 #[cfg(feature = "redis")]
 pub(crate) fn redacted(client: &::redis::Client) -> String {
-    match &client.get_connection_info().addr {
+    match client.get_connection_info().addr() {
         ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
         other => other.to_string(),
     }
@@ -106,6 +110,7 @@ impl fmt::Debug for KeyHash {
 
 impl KeyHash {
     /// The hash in hex: the Redis hash tag and the wake-up message.
+    #[cfg(feature = "redis")]
     pub(crate) fn hex(&self) -> String {
         hex(&self.0)
     }
@@ -133,6 +138,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Parses 64 hex digits back into a hash.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn parse_hex(s: &[u8]) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
@@ -199,7 +205,7 @@ pub(crate) struct CheckOpts<'a> {
 pub(crate) enum Tier {
     Local(local::LocalTier),
     #[cfg(feature = "redis")]
-    Redis(redis::RedisTier),
+    Redis(Box<redis::RedisTier>),
 }
 
 impl fmt::Debug for Tier {
@@ -227,13 +233,8 @@ impl Tier {
         match backend.0 {
             BackendKind::Local => Tier::Local(local::LocalTier::default()),
             #[cfg(feature = "redis")]
-            BackendKind::Redis(client) => Tier::Redis(redis::RedisTier::new(client, cfg)),
+            BackendKind::Redis(client) => Tier::Redis(Box::new(redis::RedisTier::new(client, cfg))),
         }
-    }
-
-    /// True for the local backend: there is no shared copy, L1 is the only one.
-    pub(crate) fn is_local(&self) -> bool {
-        matches!(self, Tier::Local(_))
     }
 
     /// The waiters of this process, by key.
@@ -277,6 +278,8 @@ impl Tier {
         bytes: &[u8],
         ttl: Duration,
     ) -> Result<bool, BackendError> {
+        #[cfg(not(feature = "redis"))]
+        let _ = (bytes, ttl);
         match self {
             Tier::Local(t) => Ok(t.release(key, token)),
             #[cfg(feature = "redis")]
@@ -302,6 +305,8 @@ impl Tier {
         status: u16,
         marker_ttl: Duration,
     ) -> Result<bool, BackendError> {
+        #[cfg(not(feature = "redis"))]
+        let _ = marker_ttl;
         match self {
             Tier::Local(t) => Ok(t.fail_release(key, token, status)),
             #[cfg(feature = "redis")]
@@ -341,6 +346,7 @@ impl Tier {
 
     /// Removes the stored value.
     pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
+        let _ = key;
         match self {
             Tier::Local(_) => Ok(()),
             #[cfg(feature = "redis")]
@@ -348,12 +354,53 @@ impl Tier {
         }
     }
 
-    /// Whether Redis answers, with its error when it does not (always `Ok` for local).
-    pub(crate) async fn ping(&self) -> Result<(), BackendError> {
+    /// Reads a value without taking the lock (local: there is no shared copy).
+    pub(crate) async fn read(
+        &self,
+        key: &KeyHash,
+        max_value: usize,
+    ) -> Result<Option<Bytes>, BackendError> {
+        let _ = (key, max_value);
         match self {
-            Tier::Local(_) => Ok(()),
+            Tier::Local(_) => Ok(None),
             #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.ping().await,
+            Tier::Redis(t) => t.read(key, max_value).await,
         }
+    }
+}
+
+/// A `Hasher` for key hashes, which are uniform already: their first eight bytes serve.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(head) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*head);
+        }
+    }
+
+    fn write_usize(&mut self, _length_prefix: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Builds [`Prehashed`] hashers.
+pub(crate) type PrehashedState = std::hash::BuildHasherDefault<Prehashed>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_tokens_are_fresh() {
+        let h = KeyHash([0xab; 32]);
+        assert_eq!(parse_hex(hex(&h.0).as_bytes()), Some(h.0));
+        assert_eq!(parse_hex(b"zz"), None);
+        assert_ne!(new_token(), new_token());
+        assert_eq!(new_token().len(), 32);
+        assert_eq!(millis(Duration::ZERO), 1, "Redis refuses PX 0");
     }
 }

@@ -1,4 +1,5 @@
-//! A lazily connected Redis handle with a deadline on every call and a circuit breaker.
+//! A lazily connected Redis handle with a deadline on every call and a circuit breaker:
+//! the one connection code of the Redis tier and of the lock API.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -9,7 +9,7 @@ use http::header::{
 };
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
-use crate::status::Outcome;
+use super::status::Outcome;
 
 /// What to do with requests that carry `Authorization` or `Cookie`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,16 +24,6 @@ pub enum PrivateRequests {
     /// Ignore the credentials: everyone shares one answer. Only for credentials that are
     /// the same for every caller, such as a client's own API token.
     Shared,
-}
-
-/// What to do when Redis fails, or when a lock wait passes its limit.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FailurePolicy {
-    /// Keep serving: go to the inner service (coalesced within this process).
-    #[default]
-    Open,
-    /// Answer `503 Service Unavailable`, protecting the upstream above all.
-    Closed,
 }
 
 /// Why an answer is not stored; becomes the `detail` of its hit-for-pass marker.
@@ -152,7 +142,7 @@ impl HttpRules {
             return Err("status");
         }
         // What the envelope cannot hold is not stored: the decoder would refuse it.
-        if !crate::envelope::headers_fit(headers) {
+        if !super::stored::headers_fit(headers) {
             return Err("headers");
         }
         for value in headers.get_all(VARY) {
@@ -432,7 +422,7 @@ mod tests {
     fn answers_with_more_headers_than_an_envelope_holds_are_not_stored() {
         let rules = HttpRules::default();
         let mut h = HeaderMap::new();
-        for i in 0..crate::envelope::MAX_HEADERS {
+        for i in 0..crate::http::stored::MAX_HEADERS {
             h.append(
                 HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
                 HeaderValue::from_static("v"),

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use http::Response;
 
-use crate::body::StampedeBody;
+use super::body::StampedeBody;
 
 type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<StampedeBody<B>>, E>> + Send>>;
 

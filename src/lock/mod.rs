@@ -1,5 +1,6 @@
-//! A distributed lock on one Redis: `SET key token NX PX lease`, released by a Lua
-//! compare-and-delete and extended by a Lua compare-and-pexpire.
+//! The lock on its own: a distributed lock on Redis, `SET key token NX PX lease`,
+//! released by a Lua compare-and-delete and extended by a Lua compare-and-pexpire, on the
+//! same scripts and connection code as the cache's tier (this room imports only `tier`).
 //!
 //! This is the lock the stampede layer uses, offered on its own: acquire with retries,
 //! delay and jitter; release; extend; and [`RedisLock::run`], which runs a future under
@@ -43,11 +44,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use rand::Rng;
 
-pub use crate::conn::BackendError;
-use crate::conn::{Breaker, RedisConn};
-use crate::scripts;
+pub use crate::tier::conn::BackendError;
+use crate::tier::conn::{Breaker, RedisConn};
+use crate::tier::{jittered, millis, new_token, scripts};
 
 /// What went wrong with a lock operation.
 #[derive(Debug, thiserror::Error)]
@@ -374,21 +374,4 @@ impl Drop for LockGuard {
             });
         }
     }
-}
-
-/// A fresh random 128-bit token, as 32 hex digits.
-pub(crate) fn new_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
-}
-
-pub(crate) fn millis(d: Duration) -> u64 {
-    (d.as_millis() as u64).max(1)
-}
-
-/// `base` plus a uniformly random part of `jitter`.
-pub(crate) fn jittered(base: Duration, jitter: Duration) -> Duration {
-    if jitter.is_zero() {
-        return base;
-    }
-    base + rand::rng().random_range(Duration::ZERO..=jitter)
 }

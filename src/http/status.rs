@@ -35,6 +35,25 @@ pub(crate) enum Outcome {
     UpstreamFailed,
 }
 
+impl From<crate::cache::flight::Outcome> for Outcome {
+    fn from(outcome: crate::cache::flight::Outcome) -> Outcome {
+        use crate::cache::flight::Outcome as F;
+        match outcome {
+            F::HitMemory => Outcome::HitMemory,
+            F::HitTier => Outcome::HitRedis,
+            F::Stored => Outcome::Stored,
+            F::Collapsed => Outcome::Collapsed,
+            F::CollapsedFleet => Outcome::CollapsedFleet,
+            F::Stale => Outcome::Stale,
+            F::StaleIfError => Outcome::StaleIfError,
+            F::Uncacheable => Outcome::Uncacheable,
+            F::TierUnavailable => Outcome::RedisUnavailable,
+            F::LockTimeout => Outcome::LockTimeout,
+            F::FillFailed => Outcome::UpstreamFailed,
+        }
+    }
+}
+
 /// The `Cache-Status` values of the hot outcomes, formatted once per layer.
 #[derive(Clone, Debug)]
 pub(crate) struct StatusValues {

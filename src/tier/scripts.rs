@@ -1,4 +1,6 @@
-//! The Lua scripts: each one a single atomic round trip.
+//! Every Lua script of the crate, once: each one a single atomic round trip. The flight's
+//! primitives (check-and-lock, store-release, fail-release, extend, take-over, remove) and
+//! the lock API's (release, extend).
 
 use redis::Script;
 use std::sync::LazyLock;
@@ -23,10 +25,12 @@ return 0",
     )
 });
 
-/// Check-and-lock. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] lease ms,
-/// ARGV[3] "1" to ignore the value (it was unusable), ARGV[4] the largest value size
-/// accepted, in bytes.
-/// Returns {1, value} | {2} lock taken | {3, pttl, holder's token} held by another.
+/// Check-and-lock. KEYS[1] value, KEYS[2] lock, KEYS[3] failure marker; ARGV[1] token,
+/// ARGV[2] lease ms, ARGV[3] "1" to ignore the value (it was unusable), ARGV[4] the largest
+/// value size accepted, in bytes, ARGV[5] the holder token the caller waited on ('' for
+/// none).
+/// Returns {1, value} | {2} lock taken | {3, pttl, holder's token} held by another |
+/// {4, "!F" status} the attempt waited on failed (its marker names that holder).
 /// A value larger than ARGV[4] (or not a string) is never read: it is treated as absent, so
 /// the lock is taken and the fill overwrites it. A lock that is not a string reads as the
 /// empty token.
@@ -36,6 +40,12 @@ pub(crate) static CHECK_AND_LOCK: LazyLock<Script> = LazyLock::new(|| {
     local n = redis.pcall('STRLEN', KEYS[1])
     if type(n) == 'number' and n > 0 and n <= tonumber(ARGV[4]) then
         return {1, redis.call('GET', KEYS[1])}
+    end
+end
+if ARGV[5] ~= '' then
+    local f = redis.pcall('GET', KEYS[3])
+    if type(f) == 'string' and #f > 5 and string.sub(f, 6) == ARGV[5] then
+        return {4, string.sub(f, 1, 5)}
     end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -69,7 +79,7 @@ return 0",
 /// A holder writes unless a newer envelope stands; a leader without the lock (its lease
 /// lapsed, or Redis did not answer its check) only where nothing or an older envelope
 /// stands. Newer is by `stored_at`, read from the standing envelope's header (layout at the
-/// top of `envelope.rs`) and compared byte by byte, so that writes queued while Redis was
+/// top of `cache/entry.rs`: it follows the key) and compared byte by byte, so that writes queued while Redis was
 /// frozen cannot replace a later answer with an earlier one, whatever order they run in.
 /// The SET runs under `pcall`: a write Redis refuses (out of memory) still releases the
 /// lock and publishes, with the bytes inline, so that waiters get the answer anyway.
@@ -87,7 +97,7 @@ local function standing()
         return 'foreign'
     end
     local b1, b2, b3, b4 = string.byte(value, 6, 9)
-    local at = ((b1 * 256 + b2) * 256 + b3) * 256 + b4 + 11
+    local at = ((b1 * 256 + b2) * 256 + b3) * 256 + b4 + 9
     if #value < at + 8 then return 'foreign' end
     local theirs = redis.pcall('GETRANGE', KEYS[1], at, at + 7)
     if type(theirs) ~= 'string' or #theirs < 8 then return 'foreign' end
@@ -155,3 +165,12 @@ return held",
 pub(crate) const READ_VALUE: &str = r"local n = redis.call('STRLEN', KEYS[1])
 if n == 0 or n > tonumber(ARGV[1]) then return false end
 return redis.call('GET', KEYS[1])";
+
+/// Remove-publish: deletes a value and tells every node to drop its copy. KEYS[1] value;
+/// ARGV[1] channel, ARGV[2] message.
+pub(crate) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])",
+    )
+});

@@ -1,36 +1,31 @@
-//! The shared tier: Redis values and locks through the scripts, or in-process locks for
-//! the local backend.
+//! The Redis tier: every primitive one Lua script (one round trip), on a lazily connected
+//! handle with a deadline per call and a circuit breaker ([`conn`](super::conn)); wake-ups
+//! through one supervised pub/sub subscription per node.
+//!
+//! Keys: `prefix:{hash}:v` (value), `prefix:{hash}:lock`, `prefix:{hash}:fail` (the short
+//! failure marker of an attempt): the hash tag keeps them in one Cluster slot. Channel:
+//! `prefix:ready`.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use redis::Value;
+use tokio::sync::oneshot;
 
-use crate::conn::{BackendError, Raced, RedisConn};
-use crate::key::Key;
-use crate::lock::millis;
-use crate::scripts;
+use super::conn::{BackendError, Breaker, Raced, RedisConn};
+use super::wake::{self, WakeSink};
+use super::{millis, scripts, Check, CheckOpts, KeyHash, TierConfig, Wakers};
 
-/// What the check-and-lock script found.
-#[derive(Debug)]
-pub(crate) enum Check {
-    Value(Bytes),
-    Locked,
-    /// Held by another: the lock's time to live (`Duration::MAX` when it has no expiry)
-    /// and the holder's token.
-    Held(Duration, Bytes),
-}
-
-#[derive(Debug)]
-pub(crate) struct RedisStore {
+pub(crate) struct RedisTier {
     pub(crate) conn: RedisConn,
     prefix: String,
-    pub(crate) channel: String,
-    /// The largest body stored: with the envelope's bounds, it sizes the largest value
-    /// worth reading.
-    max_body: usize,
+    channel: String,
+    pub(crate) wakers: Arc<Wakers>,
+    subscribed: AtomicBool,
+    /// Dropping it (with the tier) stops the subscription.
+    stop_subscription: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 fn int(v: Option<&Value>) -> Option<i64> {
@@ -48,56 +43,95 @@ fn unexpected(what: &str) -> BackendError {
     )))
 }
 
-impl RedisStore {
-    pub(crate) fn new(conn: RedisConn, prefix: &str, max_body: usize) -> Self {
-        RedisStore {
-            conn,
-            prefix: prefix.to_owned(),
-            channel: format!("{prefix}:ready"),
-            max_body,
+impl RedisTier {
+    pub(crate) fn new(client: redis::Client, cfg: &TierConfig) -> Self {
+        RedisTier {
+            conn: RedisConn::new(
+                client,
+                cfg.timeout,
+                Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
+            ),
+            prefix: cfg.prefix.clone(),
+            channel: format!("{}:ready", cfg.prefix),
+            wakers: Arc::default(),
+            subscribed: AtomicBool::new(false),
+            stop_subscription: Mutex::new(None),
         }
     }
 
-    /// `prefix:{hash}:v`: the hash tag keeps value and lock in one Cluster slot.
-    pub(crate) fn value_key(&self, key: &Key) -> String {
+    /// The server's address, without credentials.
+    pub(crate) fn address(&self) -> String {
+        super::redacted(self.conn.client())
+    }
+
+    fn value_key(&self, key: &KeyHash) -> String {
         format!("{}:{{{}}}:v", self.prefix, key.hex())
     }
 
-    pub(crate) fn lock_key(&self, key: &Key) -> String {
+    fn lock_key(&self, key: &KeyHash) -> String {
         format!("{}:{{{}}}:lock", self.prefix, key.hex())
     }
 
-    /// `prefix:{hash}:fail`: the short-lived marker of an attempt that failed.
-    pub(crate) fn fail_key(&self, key: &Key) -> String {
+    fn fail_key(&self, key: &KeyHash) -> String {
         format!("{}:{{{}}}:fail", self.prefix, key.hex())
+    }
+
+    /// Starts the supervised subscription once, from inside the runtime.
+    pub(crate) fn ensure_subscribed(&self, sink: Weak<dyn WakeSink>) {
+        if self.subscribed.load(Ordering::Relaxed) || self.subscribed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (stop, stopped) = oneshot::channel();
+        *self
+            .stop_subscription
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(stop);
+        let (client, channel, timeout) = (
+            self.conn.client().clone(),
+            self.channel.clone(),
+            self.conn.timeout(),
+        );
+        tokio::spawn(wake::supervise(
+            move || {
+                // Nobody left to hear: the cache is gone.
+                sink.upgrade()?;
+                Some(wake::subscribe(
+                    client.clone(),
+                    channel.clone(),
+                    sink.clone(),
+                    timeout,
+                ))
+            },
+            stopped,
+        ));
     }
 
     /// Check-and-lock, one round trip. If it stalls (Redis holding writes back), a
     /// read-only read on the read connection races it, and a value found is the answer.
     pub(crate) async fn check_and_lock(
         &self,
-        key: &Key,
+        key: &KeyHash,
         token: &str,
-        lease: Duration,
-        skip_value: bool,
+        opts: CheckOpts<'_>,
     ) -> Result<Check, BackendError> {
-        let (vk, lk) = (self.value_key(key), self.lock_key(key));
-        // Larger bytes cannot be an envelope of ours: never read them.
-        let max_value = crate::envelope::max_encoded_len(key.canonical.len(), self.max_body);
+        let (vk, lk, fk) = (self.value_key(key), self.lock_key(key), self.fail_key(key));
         let rk = vk.clone();
+        let waited_on = opts.waited_on.unwrap_or_default();
         let write = |mut c: redis::aio::ConnectionManager| async move {
             scripts::CHECK_AND_LOCK
                 .key(vk)
                 .key(lk)
+                .key(fk)
                 .arg(token)
-                .arg(millis(lease))
-                .arg(if skip_value { "1" } else { "0" })
-                .arg(max_value)
+                .arg(millis(opts.lease))
+                .arg(if opts.skip_value { "1" } else { "0" })
+                .arg(opts.max_value)
+                .arg(waited_on)
                 .invoke_async::<Vec<Value>>(&mut c)
                 .await
         };
         // A value known to be unusable is not worth reading again.
-        let reply = if skip_value {
+        let reply = if opts.skip_value {
             self.conn.run(write).await?
         } else {
             let read = |mut c: redis::aio::ConnectionManager| async move {
@@ -105,7 +139,7 @@ impl RedisStore {
                     .arg(scripts::READ_VALUE)
                     .arg(1)
                     .arg(rk)
-                    .arg(max_value)
+                    .arg(opts.max_value)
                     .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
             };
@@ -119,26 +153,30 @@ impl RedisStore {
             (Some(1), Some(Value::BulkString(b)), _) => Ok(Check::Value(Bytes::from(b))),
             (Some(2), _, _) => Ok(Check::Locked),
             (Some(3), pttl, holder) => {
-                let pttl = match int(pttl.as_ref()) {
+                let left = match int(pttl.as_ref()) {
                     // No expiry: it never lapses on its own.
-                    Some(-1) => Duration::MAX,
-                    ms => Duration::from_millis(ms.unwrap_or(0).max(0) as u64),
+                    Some(-1) => None,
+                    ms => Some(Duration::from_millis(ms.unwrap_or(0).max(0) as u64)),
                 };
-                let holder = match holder {
+                let token = match holder {
                     Some(Value::BulkString(b)) => Bytes::from(b),
                     _ => Bytes::new(),
                 };
-                Ok(Check::Held(pttl, holder))
+                Ok(Check::Held { token, left })
             }
+            (Some(4), Some(Value::BulkString(tail)), _) => match wake::failure_status(&tail) {
+                Some(status) => Ok(Check::Failed(status)),
+                None => Err(unexpected("check-and-lock failure marker")),
+            },
             _ => Err(unexpected("check-and-lock")),
         }
     }
 
     /// Takes the lock over from `stale`, a holder token seen on a lock that no holder of
     /// ours could have left. Returns whether `token` now holds it for `lease`.
-    pub(crate) async fn take_over(
+    pub(crate) async fn takeover(
         &self,
-        key: &Key,
+        key: &KeyHash,
         stale: &[u8],
         token: &str,
         lease: Duration,
@@ -163,7 +201,7 @@ impl RedisStore {
     /// still held.
     pub(crate) async fn store_release(
         &self,
-        key: &Key,
+        key: &KeyHash,
         token: &str,
         bytes: &[u8],
         ttl: Duration,
@@ -180,7 +218,7 @@ impl RedisStore {
                     .arg(millis(ttl))
                     .arg(&self.channel)
                     .arg(key.hex())
-                    .arg(if bytes.len() <= crate::wake::INLINE_MAX {
+                    .arg(if bytes.len() <= wake::INLINE_MAX {
                         "1"
                     } else {
                         "0"
@@ -198,7 +236,7 @@ impl RedisStore {
     /// Releases (if still ours) and publishes, for a fill that produced nothing to store.
     pub(crate) async fn release_publish(
         &self,
-        key: &Key,
+        key: &KeyHash,
         token: &str,
     ) -> Result<bool, BackendError> {
         let lk = self.lock_key(key);
@@ -221,13 +259,13 @@ impl RedisStore {
     /// fill whose attempt failed. Returns whether the lock was still held.
     pub(crate) async fn fail_release(
         &self,
-        key: &Key,
+        key: &KeyHash,
         token: &str,
-        status: http::StatusCode,
+        status: u16,
         marker_ttl: Duration,
     ) -> Result<bool, BackendError> {
         let (lk, fk) = (self.lock_key(key), self.fail_key(key));
-        let tail = crate::wake::failure_tail(status);
+        let tail = wake::failure_tail(status);
         let mut message = key.hex().into_bytes();
         message.extend_from_slice(&tail);
         let mut marker = tail;
@@ -250,26 +288,9 @@ impl RedisStore {
         Ok(held == 1)
     }
 
-    /// The status of the failed attempt of `holder`, if it left a failure marker.
-    pub(crate) async fn failure_of(
-        &self,
-        key: &Key,
-        holder: &[u8],
-    ) -> Result<Option<http::StatusCode>, BackendError> {
-        let fk = self.fail_key(key);
-        let marker: Option<Vec<u8>> = self
-            .conn
-            .run(|mut c| async move { redis::cmd("GET").arg(fk).query_async(&mut c).await })
-            .await?;
-        Ok(marker.and_then(|m| {
-            let status = crate::wake::failure_status(&m)?;
-            (m.get(5..) == Some(holder)).then_some(status)
-        }))
-    }
-
     pub(crate) async fn extend(
         &self,
-        key: &Key,
+        key: &KeyHash,
         token: &str,
         lease: Duration,
     ) -> Result<bool, BackendError> {
@@ -287,64 +308,46 @@ impl RedisStore {
             .await?;
         Ok(n == 1)
     }
-}
 
-/// In-process locks with leases, for the local backend: they matter when a leader's
-/// request is dropped and a waiter starts a second fill while the first still runs.
-#[derive(Debug, Default)]
-pub(crate) struct LocalLocks {
-    map: Mutex<HashMap<[u8; 32], (String, Instant)>>,
-}
+    /// Deletes the value and tells every node to drop its copy in memory.
+    pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
+        let vk = self.value_key(key);
+        let mut message = key.hex().into_bytes();
+        message.extend_from_slice(wake::INVALIDATED);
+        let () = self
+            .conn
+            .run(|mut c| async move {
+                scripts::REMOVE
+                    .key(vk)
+                    .arg(&self.channel)
+                    .arg(message)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
 
-impl LocalLocks {
-    /// `None` when taken, else the time left on the holder's lease.
-    pub(crate) fn try_lock(
+    /// Reads a value without taking anything (read-only: it works while Redis refuses
+    /// writes). Values larger than `max_value` read as absent.
+    pub(crate) async fn read(
         &self,
-        hash: [u8; 32],
-        token: &str,
-        lease: Duration,
-    ) -> Option<Duration> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if let Some((_, until)) = map.get(&hash) {
-            if *until > now {
-                return Some(*until - now);
-            }
-        }
-        map.insert(hash, (token.to_owned(), now + lease));
-        None
-    }
-
-    pub(crate) fn extend(&self, hash: [u8; 32], token: &str, lease: Duration) -> bool {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(&hash) {
-            Some((t, until)) if t == token && *until > Instant::now() => {
-                *until = Instant::now() + lease;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    pub(crate) fn release(&self, hash: [u8; 32], token: &str) -> bool {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&hash).is_some_and(|(t, _)| t == token) {
-            map.remove(&hash);
-            return true;
-        }
-        false
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ttl_and_lease_arguments_are_at_least_one_millisecond() {
-        // Redis refuses `PX 0`: an entry whose time to live ran out still gets 1 ms.
-        assert_eq!(millis(Duration::ZERO), 1);
-        assert_eq!(millis(Duration::from_micros(999)), 1);
-        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        key: &KeyHash,
+        max_value: usize,
+    ) -> Result<Option<Bytes>, BackendError> {
+        let vk = self.value_key(key);
+        let value: Option<Vec<u8>> = self
+            .conn
+            .run(|mut c| async move {
+                redis::cmd("EVAL_RO")
+                    .arg(scripts::READ_VALUE)
+                    .arg(1)
+                    .arg(vk)
+                    .arg(max_value)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(value.map(Bytes::from))
     }
 }

@@ -1,0 +1,392 @@
+//! [`StampedeLayer`] and its builder.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::HeaderName;
+use tower_layer::Layer;
+
+use super::key::{default_key, request_key, KeyFn};
+use super::policy::{normalize_accept_encoding, HttpRules, PrivateRequests};
+use super::service::Stampede;
+use super::status::{Outcome, StatusValues};
+use super::stored::{self, HttpCodec};
+use crate::cache::flight::{Config, Core, Key};
+use crate::cache::{default_config, default_tier, FailurePolicy, Memory};
+use crate::stats::Stats;
+use crate::tier::{Backend, Tier, TierConfig};
+
+/// The flight core of the HTTP layer: stored answers, in their codec.
+pub(crate) type HttpCore = Core<stored::Response, HttpCodec>;
+
+/// State shared by every clone of one layer and the services it built: one "node".
+pub(crate) struct Shared {
+    pub(crate) core: Arc<HttpCore>,
+    pub(crate) status_values: StatusValues,
+    pub(crate) rules: HttpRules,
+    key_fn: Option<KeyFn>,
+}
+
+impl Shared {
+    /// The key of a request, or why it bypasses the cache, and whether it is per user.
+    ///
+    /// A `HEAD` is keyed (and filled) as the `GET` it describes, as Varnish does: one entry
+    /// answers both.
+    pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<(Key, bool), Outcome> {
+        let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
+        normalize_accept_encoding(&mut parts.headers);
+        if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
+            parts.method = http::Method::GET;
+            let key = self.key_for_checked(parts, per_user);
+            parts.method = http::Method::HEAD;
+            return key.map(|k| (k, per_user));
+        }
+        self.key_for_checked(parts, per_user).map(|k| (k, per_user))
+    }
+
+    fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<Key, Outcome> {
+        let base = match &self.key_fn {
+            Some(f) => f(parts).ok_or(Outcome::Bypass("key"))?,
+            None => default_key(parts),
+        };
+        Ok(Key::new(request_key(
+            base,
+            parts,
+            &self.rules.vary,
+            per_user,
+        )))
+    }
+}
+
+/// A [`Layer`] that puts a stampede-proof cache in front of an HTTP service.
+///
+/// Each layer built is one node: one in-process L1 and, with [`Backend::redis`], one set of
+/// Redis connections. Clones share that node; services built from it share it too.
+#[derive(Clone)]
+pub struct StampedeLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for StampedeLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StampedeLayer")
+            .field("core", &self.shared.core)
+            .field("rules", &self.shared.rules)
+            .finish()
+    }
+}
+
+impl StampedeLayer {
+    /// A layer with the defaults and the local backend.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// Starts a builder.
+    pub fn builder() -> StampedeBuilder {
+        StampedeBuilder::default()
+    }
+
+    /// A snapshot of this node's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.core.counters.snapshot()
+    }
+
+    /// What this node's in-process memory holds, after running the cache's pending
+    /// maintenance (evictions, expiries) so the figures are current.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = tower_stampede::StampedeLayer::builder().l1_capacity(1 << 20).build();
+    /// let memory = layer.memory().await;
+    /// assert_eq!(memory.capacity, 1 << 20);
+    /// assert!(memory.bytes() <= memory.capacity);
+    /// # }
+    /// ```
+    pub async fn memory(&self) -> Memory {
+        self.shared.core.memory().await
+    }
+}
+
+impl Default for StampedeLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for StampedeLayer {
+    type Service = Stampede<S>;
+
+    fn layer(&self, inner: S) -> Stampede<S> {
+        Stampede::from_shared(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`StampedeLayer`]. Every setting has a safe default; see each method.
+pub struct StampedeBuilder {
+    backend: Backend,
+    tier: TierConfig,
+    flight: Config,
+    rules: HttpRules,
+    cache_name: String,
+    key_fn: Option<KeyFn>,
+}
+
+impl fmt::Debug for StampedeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StampedeBuilder")
+            .field("backend", &self.backend)
+            .field("tier", &self.tier)
+            .field("flight", &self.flight)
+            .field("rules", &self.rules)
+            .field("cache_name", &self.cache_name)
+            .finish()
+    }
+}
+
+impl Default for StampedeBuilder {
+    fn default() -> Self {
+        StampedeBuilder {
+            backend: Backend::local(),
+            tier: default_tier(),
+            flight: default_config(),
+            rules: HttpRules::default(),
+            cache_name: "tower-stampede".to_owned(),
+            key_fn: None,
+        }
+    }
+}
+
+impl StampedeBuilder {
+    /// The shared tier. Default: [`Backend::local`].
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The Redis key prefix and wake-up channel prefix. Default `"stampede"`. Nodes that
+    /// should coalesce together use the same prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.tier.prefix = prefix.into();
+        self
+    }
+
+    /// The in-process bound, in bytes: cached answers (keys, headers and bodies plus a
+    /// per-entry allowance) and, in a sixteenth of it, the hit-for-pass and refresh
+    /// markers. See [`StampedeLayer::memory`]. Default 64 MiB.
+    pub fn l1_capacity(mut self, bytes: u64) -> Self {
+        self.flight.l1_capacity = bytes;
+        self
+    }
+
+    /// How long a stored answer is fresh. Default 60 s.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.rules.ttl = ttl;
+        self
+    }
+
+    /// Take the time to live from `s-maxage`, else `max-age`, falling back to
+    /// [`ttl`](Self::ttl). Default off.
+    pub fn honor_cache_control(mut self, on: bool) -> Self {
+        self.rules.honor_cache_control = on;
+        self
+    }
+
+    /// Refuse to store answers marked `Cache-Control: no-store`, `private` or `no-cache`.
+    /// Default on.
+    pub fn honor_no_store(mut self, on: bool) -> Self {
+        self.rules.honor_no_store = on;
+        self
+    }
+
+    /// Store answers that set cookies (the cookie is then replayed to everyone).
+    /// Default off.
+    pub fn store_set_cookie(mut self, on: bool) -> Self {
+        self.rules.store_set_cookie = on;
+        self
+    }
+
+    /// What to do with requests carrying `Authorization` or `Cookie`.
+    /// Default [`PrivateRequests::Bypass`].
+    pub fn private_requests(mut self, policy: PrivateRequests) -> Self {
+        self.rules.private_requests = policy;
+        self
+    }
+
+    /// The methods whose answers are cached. Default `GET` and `HEAD`.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = http::Method>) -> Self {
+        self.rules.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Request headers whose values go into the key. Answers that `Vary` on any other
+    /// header are not stored. Default none.
+    pub fn vary(mut self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.rules.vary = headers.into_iter().collect();
+        self
+    }
+
+    /// The largest body stored; larger ones stream through unbuffered past this size and
+    /// mark the key hit-for-pass. Default 1 MiB.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.rules.max_body = bytes;
+        self
+    }
+
+    /// How long an uncacheable answer lets the next requests for its key skip the lock
+    /// and go straight upstream. `Duration::ZERO` turns it off. Default 10 s.
+    pub fn hit_for_pass(mut self, ttl: Duration) -> Self {
+        self.flight.hit_for_pass = ttl;
+        self
+    }
+
+    /// Stale-while-revalidate: for this long after the TTL, requests are answered at once
+    /// from the stale copy while exactly one refresh runs, fleet-wide. With
+    /// [`honor_cache_control`](Self::honor_cache_control), `stale-while-revalidate=N`
+    /// overrides it. Default 0 (off).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.rules.grace = grace;
+        self
+    }
+
+    /// Stale-if-error: for this long after the TTL, a stale copy is served when the
+    /// upstream fails, times out or answers 5xx. With
+    /// [`honor_cache_control`](Self::honor_cache_control), `stale-if-error=N` overrides it.
+    /// Default 0 (off).
+    pub fn stale_if_error(mut self, window: Duration) -> Self {
+        self.rules.stale_if_error = window;
+        self
+    }
+
+    /// Early refresh (XFetch, Vattani et al., VLDB 2015): a hit refreshes in the
+    /// background, under the lock, with a probability that rises as expiry nears, scaled
+    /// by `beta` times how long the last fill took. A steadily hot key is then refreshed
+    /// before it expires. `1.0` is the paper's default; larger refreshes earlier.
+    /// Default off.
+    pub fn early_refresh(mut self, beta: f64) -> Self {
+        self.flight.early_refresh = (beta > 0.0 && beta.is_finite()).then_some(beta);
+        self
+    }
+
+    /// Negative caching: store `404` and `410` answers for this long. Default 0 (off:
+    /// they are uncacheable and get a hit-for-pass marker).
+    pub fn negative_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.negative_ttl = ttl;
+        self
+    }
+
+    /// Upstream errors (5xx) and `429 Too Many Requests`: the one answer is shared with everyone waiting on it and
+    /// kept this long, so a failing upstream gets one call per key per period, fleet-wide,
+    /// instead of a stampede. A usable stale copy is served instead when there is one
+    /// ([`stale_if_error`](Self::stale_if_error)). `Duration::ZERO` passes errors through
+    /// with a hit-for-pass marker, like any uncacheable answer. Default 1 s.
+    pub fn error_ttl(mut self, ttl: Duration) -> Self {
+        self.rules.error_ttl = ttl;
+        self
+    }
+
+    /// The lock's lease; it is extended every third of it while the inner call runs.
+    /// A lock found without an expiry, or with a time to live past the lease, is none of
+    /// ours: once a waiter has seen the same holder on it for a lease, it takes the lock
+    /// over and fills. Nodes sharing a prefix should therefore share the lease.
+    /// Default 5 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.flight.lease = lease.max(Duration::from_millis(3));
+        self
+    }
+
+    /// How long a request waits on another node's fill before the
+    /// [`on_lock_timeout`](Self::on_lock_timeout) policy applies. Default 30 s.
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.flight.lock_wait = wait;
+        self
+    }
+
+    /// After the lock wait: call the inner service ([`FailurePolicy::Open`], default) or
+    /// answer 503 ([`FailurePolicy::Closed`]).
+    pub fn on_lock_timeout(mut self, policy: FailurePolicy) -> Self {
+        self.flight.on_lock_timeout = policy;
+        self
+    }
+
+    /// When Redis fails: serve through L1 and local coalescing ([`FailurePolicy::Open`],
+    /// default) or answer 503 ([`FailurePolicy::Closed`]).
+    pub fn on_redis_error(mut self, policy: FailurePolicy) -> Self {
+        self.flight.on_redis_error = policy;
+        self
+    }
+
+    /// How often a waiter re-checks Redis when no wake-up arrives (plus up to half of it
+    /// as jitter; never sooner than half of it, whatever the lock's time to live).
+    /// Default 50 ms.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.flight.poll_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The limit on one inner call, body included. Default 30 s.
+    pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
+        self.flight.fill_timeout = timeout;
+        self
+    }
+
+    /// The deadline on each Redis call, scheduling delay included (a starved runtime
+    /// must not read as a dead Redis). Default 250 ms.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.tier.timeout = timeout;
+        self
+    }
+
+    /// After `failures` Redis errors within one second, skip Redis for `cooldown`; then one
+    /// trial call goes to Redis (the others still skip it) and its success ends the skipping,
+    /// its failure starts another cool-down. Default 3 and 1 s; `failures == 0` never skips.
+    /// A call that times out while a read on the second connection got an answer (Redis
+    /// holding writes back, as in a failover) is no failure.
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.tier.breaker_failures = failures;
+        self.tier.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// How many times a request that waited on a failed fill tries again (one of the
+    /// waiters leads each retry) before answering 502. Default 2.
+    pub fn max_takeovers(mut self, n: u32) -> Self {
+        self.flight.max_takeovers = n;
+        self
+    }
+
+    /// The cache's name in `Cache-Status`. Default `"tower-stampede"`.
+    pub fn cache_name(mut self, name: impl Into<String>) -> Self {
+        self.cache_name = name.into();
+        self
+    }
+
+    /// Replaces the default key ([`default_key`](crate::default_key)). Returning `None`
+    /// sends the request straight to the inner service. Varied headers and per-user
+    /// credentials are still added to what it returns.
+    pub fn key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.key_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Builds the layer. Nothing connects to Redis until the first request.
+    pub fn build(self) -> StampedeLayer {
+        let mut flight = self.flight;
+        flight.max_payload = stored::max_payload(self.rules.max_body);
+        let tier = Tier::new(self.backend, &self.tier);
+        StampedeLayer {
+            shared: Arc::new(Shared {
+                core: Core::new(flight, tier),
+                status_values: StatusValues::new(&self.cache_name),
+                rules: self.rules,
+                key_fn: self.key_fn,
+            }),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! A stored HTTP answer and its codec: the payload of the cache's envelope.
+//!
+//! Layout (big-endian): `status:u16 n_headers:u16 (name_len:u16 name value_len:u32 value)*
+//! body_len:u32 body`. Decoding never panics: anything short, or past the bounds
+//! ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]), is an error (a miss that the next fill
+//! overwrites); every length field is checked against the bytes left before anything is
+//! built from it. The HTTP rules refuse to store an answer past those bounds, so the
+//! encoder never writes what the decoder refuses.
+
+use bytes::{BufMut, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::cache::entry::Reader;
+use crate::cache::{Codec, CodecError};
+
+/// The most header fields a stored answer holds.
+pub(crate) const MAX_HEADERS: usize = 256;
+/// The most bytes of header names and values, together, a stored answer holds.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The framing: status, header count, body length, and per header the two lengths.
+const FIXED_LEN: usize = 2 + 2 + 4;
+const PER_HEADER_LEN: usize = 2 + 4;
+/// What a header costs in memory beyond its bytes: the map's slot and one allocation per
+/// value (estimated from RSS).
+const PER_HEADER_MEMORY: usize = 64;
+
+/// The largest payload of an answer whose body is at most `max_body` bytes.
+pub(crate) fn max_payload(max_body: usize) -> usize {
+    FIXED_LEN
+        .saturating_add(MAX_HEADERS * PER_HEADER_LEN + MAX_HEADER_BYTES)
+        .saturating_add(max_body)
+}
+
+/// Whether headers fit in a stored answer: at most [`MAX_HEADERS`] fields and
+/// [`MAX_HEADER_BYTES`] of names and values.
+pub(crate) fn headers_fit(headers: &HeaderMap) -> bool {
+    headers.len() <= MAX_HEADERS
+        && headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum::<usize>()
+            <= MAX_HEADER_BYTES
+}
+
+/// One stored answer.
+#[derive(Clone, Debug)]
+pub(crate) struct Response {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+/// The codec of stored answers.
+pub(crate) struct HttpCodec;
+
+impl Codec<Response> for HttpCodec {
+    fn encode(value: &Response) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::with_capacity(FIXED_LEN + value.body.len() + 64 * value.headers.len());
+        out.put_u16(value.status.as_u16());
+        // The HTTP rules store only headers that fit (`headers_fit`); the cap is a backstop
+        // so that whatever the caller did, the decoder accepts what is written.
+        let mut n = 0;
+        let mut size = 0;
+        for (name, v) in value.headers.iter().take(MAX_HEADERS) {
+            size += name.as_str().len() + v.len();
+            if size > MAX_HEADER_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        out.put_u16(n as u16);
+        for (name, v) in value.headers.iter().take(n) {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(v.len() as u32);
+            out.put_slice(v.as_bytes());
+        }
+        let body_len = u32::try_from(value.body.len())
+            .map_err(|_| CodecError("body larger than 4 GiB".into()))?;
+        out.put_u32(body_len);
+        out.put_slice(&value.body);
+        Ok(out)
+    }
+
+    fn decode(bytes: &Bytes) -> Result<Response, CodecError> {
+        decode(bytes).ok_or_else(|| CodecError("not a stored answer".into()))
+    }
+
+    fn overhead(value: &Response) -> usize {
+        value.headers.len() * PER_HEADER_MEMORY
+    }
+}
+
+fn decode(bytes: &Bytes) -> Option<Response> {
+    let mut r = Reader { buf: bytes, pos: 0 };
+    let status = StatusCode::from_u16(r.u16().ok()?).ok()?;
+    let n = r.u16().ok()? as usize;
+    if n > MAX_HEADERS || n * PER_HEADER_LEN > r.left() {
+        return None;
+    }
+    let mut headers = HeaderMap::with_capacity(n.min(64));
+    let mut budget = MAX_HEADER_BYTES;
+    for _ in 0..n {
+        let len = r.u16().ok()? as usize;
+        budget = budget.checked_sub(len)?;
+        let name = HeaderName::from_bytes(r.take(len).ok()?).ok()?;
+        let len = r.u32().ok()? as usize;
+        budget = budget.checked_sub(len)?;
+        let value = HeaderValue::from_bytes(r.take(len).ok()?).ok()?;
+        // Never a panic inside the `http` crate, whatever the count said.
+        headers.try_append(name, value).ok()?;
+    }
+    let body_len = r.u32().ok()? as usize;
+    let start = r.pos;
+    r.take(body_len).ok()?;
+    if r.pos != bytes.len() {
+        return None;
+    }
+    Some(Response {
+        status,
+        headers,
+        body: bytes.slice(start..start + body_len),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        Response {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"hello world"),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let e = sample();
+        let bytes = Bytes::from(HttpCodec::encode(&e).unwrap());
+        let d = HttpCodec::decode(&bytes).unwrap();
+        assert_eq!(d.status, e.status);
+        assert_eq!(d.headers, e.headers);
+        assert_eq!(d.body, e.body);
+        assert!(bytes.len() <= max_payload(e.body.len()));
+    }
+
+    /// A payload with `n` distinct header names, as hostile bytes in Redis may hold.
+    fn with_headers(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.put_u16(200);
+        out.put_u16(n.min(u16::MAX as usize) as u16);
+        for i in 0..n {
+            let name = format!("x-h{i}");
+            out.put_u16(name.len() as u16);
+            out.put_slice(name.as_bytes());
+            out.put_u32(1);
+            out.put_slice(b"v");
+        }
+        out.put_u32(0);
+        out
+    }
+
+    #[test]
+    fn thirty_thousand_headers_and_huge_lengths_are_errors_not_panics() {
+        assert!(HttpCodec::decode(&Bytes::from(with_headers(30_000))).is_err());
+        assert!(HttpCodec::decode(&Bytes::from(with_headers(MAX_HEADERS + 1))).is_err());
+        assert!(HttpCodec::decode(&Bytes::from(with_headers(MAX_HEADERS))).is_ok());
+        // A body length far past the bytes.
+        let mut huge = with_headers(1);
+        let at = huge.len() - 4;
+        huge[at..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(HttpCodec::decode(&Bytes::from(huge)).is_err());
+        // A value length far past the bytes.
+        let mut huge = with_headers(1);
+        huge[4 + 2 + 4..4 + 2 + 4 + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(HttpCodec::decode(&Bytes::from(huge)).is_err());
+    }
+
+    #[test]
+    fn the_encoder_never_writes_what_the_decoder_refuses() {
+        let mut e = sample();
+        for i in 0..MAX_HEADERS + 50 {
+            e.headers.append(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(!headers_fit(&e.headers));
+        let decoded = HttpCodec::decode(&Bytes::from(HttpCodec::encode(&e).unwrap())).unwrap();
+        assert_eq!(decoded.headers.len(), MAX_HEADERS);
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_decodes_without_panic() {
+        let bytes = HttpCodec::encode(&sample()).unwrap();
+        for len in 0..bytes.len() {
+            assert!(HttpCodec::decode(&Bytes::copy_from_slice(&bytes[..len])).is_err());
+        }
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                let _ = HttpCodec::decode(&Bytes::from(b));
+            }
+        }
+    }
+}
