@@ -11,14 +11,11 @@ mod tier;
 
 pub use cache::{Cache, CacheBuilder, EntryOptions, Error, FailurePolicy, Memory};
 pub use http::{
-    default_key, PrivateRequests, ResponseFuture, Stampede, StampedeBody, StampedeBuilder,
-    StampedeLayer,
+    default_key, BoxError, PrivateRequests, ResponseFuture, Stampede, StampedeBody,
+    StampedeBuilder, StampedeLayer,
 };
 pub use stats::Stats;
 pub use tier::{Backend, BackendError};
-
-/// The boxed error of response bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Internals for the benchmarks in `benches/` (feature `__bench`); not part of the API.
 #[cfg(feature = "__bench")]

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::BoxError;
+use super::BoxError;
 
 /// The body of every response from [`Stampede`](crate::Stampede): either a cached body
 /// in one piece, or the inner service's body streamed through (after any frames that were

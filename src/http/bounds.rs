@@ -6,7 +6,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::BoxError;
+use super::BoxError;
 
 /// A response body the layer can buffer and stream.
 pub(crate) trait HttpBody: Body<Data = Bytes, Error: Into<BoxError>> {}

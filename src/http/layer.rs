@@ -8,57 +8,16 @@ use http::request::Parts;
 use http::HeaderName;
 use tower_layer::Layer;
 
-use super::key::{default_key, request_key, KeyFn};
-use super::policy::{normalize_accept_encoding, HttpRules, PrivateRequests};
+use super::key::KeyFn;
+use super::policy::{HttpRules, PrivateRequests};
 use super::service::Stampede;
-use super::status::{Outcome, StatusValues};
-use super::stored::{self, HttpCodec};
-use crate::cache::flight::{Config, Core, Key};
+use super::shared::Shared;
+use super::status::StatusValues;
+use super::stored;
+use crate::cache::flight::{Config, Core};
 use crate::cache::{default_config, default_tier, FailurePolicy, Memory};
 use crate::stats::Stats;
 use crate::tier::{Backend, Tier, TierConfig};
-
-/// The flight core of the HTTP layer: stored answers, in their codec.
-pub(crate) type HttpCore = Core<stored::Response, HttpCodec>;
-
-/// State shared by every clone of one layer and the services it built: one "node".
-pub(crate) struct Shared {
-    pub(crate) core: Arc<HttpCore>,
-    pub(crate) status_values: StatusValues,
-    pub(crate) rules: HttpRules,
-    key_fn: Option<KeyFn>,
-}
-
-impl Shared {
-    /// The key of a request, or why it bypasses the cache, and whether it is per user.
-    ///
-    /// A `HEAD` is keyed (and filled) as the `GET` it describes, as Varnish does: one entry
-    /// answers both.
-    pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<(Key, bool), Outcome> {
-        let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
-        normalize_accept_encoding(&mut parts.headers);
-        if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
-            parts.method = http::Method::GET;
-            let key = self.key_for_checked(parts, per_user);
-            parts.method = http::Method::HEAD;
-            return key.map(|k| (k, per_user));
-        }
-        self.key_for_checked(parts, per_user).map(|k| (k, per_user))
-    }
-
-    fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<Key, Outcome> {
-        let base = match &self.key_fn {
-            Some(f) => f(parts).ok_or(Outcome::Bypass("key"))?,
-            None => default_key(parts),
-        };
-        Ok(Key::new(request_key(
-            base,
-            parts,
-            &self.rules.vary,
-            per_user,
-        )))
-    }
-}
 
 /// A [`Layer`] that puts a stampede-proof cache in front of an HTTP service.
 ///

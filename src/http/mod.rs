@@ -14,8 +14,12 @@ pub(crate) mod key;
 pub(crate) mod layer;
 pub(crate) mod policy;
 pub(crate) mod service;
+pub(crate) mod shared;
 pub(crate) mod status;
 pub(crate) mod stored;
+
+/// The boxed error of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use body::StampedeBody;
 pub use future::ResponseFuture;

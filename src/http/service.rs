@@ -17,15 +17,15 @@ use tracing::Instrument;
 use super::body::StampedeBody;
 use super::bounds::{HttpBody, Inner};
 use super::future::ResponseFuture;
-use super::layer::Shared;
 use super::policy::{etag_matches, strip_conditionals};
+use super::shared::Shared;
 use super::status::Outcome;
 use super::stored;
+use super::BoxError;
 use crate::cache::entry::{now_ms, Windows};
 use crate::cache::flight::{Fill, Filled, Flown, Stored};
 use crate::stats::{Event, Stats};
 use crate::tier::wake::is_shared_error;
-use crate::BoxError;
 
 static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
