@@ -291,7 +291,7 @@ async fn sentinel_client_follows_a_promotion() {
 
     let mut client = SentinelClient::build(
         setup.sentinel_urls(),
-        setup.master_name().to_owned(),
+        setup.master_name(),
         None,
         SentinelServerType::Master,
     )
