@@ -53,7 +53,7 @@ pub struct Backend(pub(crate) BackendKind);
 pub(crate) enum BackendKind {
     Local,
     #[cfg(feature = "redis")]
-    Redis(::redis::Client),
+    Redis(Box<::redis::Client>),
 }
 
 impl fmt::Debug for Backend {
@@ -94,7 +94,7 @@ impl Backend {
     /// Redis through a client you built.
     #[cfg(feature = "redis")]
     pub fn redis_client(client: ::redis::Client) -> Self {
-        Backend(BackendKind::Redis(client))
+        Backend(BackendKind::Redis(Box::new(client)))
     }
 }
 
@@ -233,7 +233,9 @@ impl Tier {
         match backend.0 {
             BackendKind::Local => Tier::Local(local::LocalTier::default()),
             #[cfg(feature = "redis")]
-            BackendKind::Redis(client) => Tier::Redis(Box::new(redis::RedisTier::new(client, cfg))),
+            BackendKind::Redis(client) => {
+                Tier::Redis(Box::new(redis::RedisTier::new(*client, cfg)))
+            }
         }
     }
 

@@ -1,11 +1,17 @@
 //! Test support: real `redis-server` processes on free loopback ports, a counting
-//! upstream service, and a stampede of concurrent requests.
+//! upstream service, and a stampede of concurrent requests. The deployments the crate
+//! talks to besides a single server live in [`cluster`], [`tls`] and [`sentinel`].
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod sentinel;
+pub mod tls;
+
 use std::convert::Infallible;
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,7 +32,9 @@ pub struct RedisServer {
     dir: PathBuf,
 }
 
-fn free_port() -> u16 {
+/// A free loopback port, from binding 127.0.0.1:0 (another process may take it before
+/// we use it: the spawn helpers retry).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -62,49 +70,15 @@ impl RedisServer {
     /// Spawns on `self.port`; false when the port was lost to another process.
     fn spawn(&mut self) -> bool {
         let log = self.dir.join("redis.log");
-        let _ = std::fs::remove_file(&log);
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed or not on PATH. The tests start their own \
-                 redis-server processes; install it with `sudo apt-get install redis-server` \
-                 (Debian/Ubuntu), `brew install redis` (macOS), or `bash .ci/run`."
-            ),
-            Err(e) => panic!("could not run redis-server: {e}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                let log = self.log();
-                if log.contains("Address already in use") {
-                    return false;
-                }
-                panic!("redis-server exited at start; log:\n{log}");
-            }
-            if ping(self.port) {
+        let port = self.port;
+        let mut args = server_args(port, &self.dir, &log);
+        args.extend(["--bind".into(), "127.0.0.1".into()]);
+        match spawn_redis(&args, &log, || ping(port)) {
+            Some(child) => {
                 self.child = Some(child);
-                return true;
+                true
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "redis-server did not answer PING within 10 s; log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            None => false,
         }
     }
 
@@ -193,17 +167,227 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
         }
-        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn ping(port: u16) -> bool {
+/// What to install when a binary the tests run is missing.
+pub const INSTALL_HINT: &str = "The tests start their own redis-server processes and make \
+     throwaway certificates; install the tools with `sudo apt-get install redis-server \
+     redis-tools openssl` (Debian/Ubuntu), `brew install redis openssl` (macOS), or run \
+     `bash .ci/run`.";
+
+/// A fresh, empty directory under the system temp dir for one setup (`kind` names it).
+pub fn temp_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-stampede-{kind}-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// The arguments every server of ours gets: `--port`, no persistence, `dir` and `log`.
+pub fn server_args(port: u16, dir: &Path, log: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["--port", &port.to_string()]
+        .iter()
+        .map(Into::into)
+        .collect();
+    args.extend(["--save", "", "--appendonly", "no"].map(OsString::from));
+    args.extend(["--dir".into(), dir.into(), "--logfile".into(), log.into()]);
+    args
+}
+
+/// Runs `redis-server ARGS` until `ready()` says yes (bounded: 10 s). `None` when the
+/// server exited because its port was taken (the caller picks another port); panics with
+/// the server's `log` when it exits for another reason or never gets ready.
+pub fn spawn_redis(
+    args: &[OsString],
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Option<Child> {
+    let _ = std::fs::remove_file(log);
+    let child = Command::new("redis-server")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("redis-server is not installed or not on PATH. {INSTALL_HINT}")
+        }
+        Err(e) => panic!("could not run redis-server: {e}"),
+    };
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            let log = read_log();
+            if log.contains("Address already in use") {
+                return None;
+            }
+            panic!("redis-server exited at start; log:\n{log}");
+        }
+        if ready() {
+            return Some(child);
+        }
+        if Instant::now() > deadline {
+            kill_child(&mut child);
+            panic!(
+                "redis-server did not get ready within 10 s; log:\n{}",
+                read_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Kills a child for good: SIGCONT first (a paused process would not die until thawed),
+/// then SIGKILL, and waits for it.
+pub fn kill_child(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-CONT", &child.id().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One server process of a multi-process setup (a cluster node, a sentinel, a TLS
+/// server), on a port picked by `pick_port`, killed (SIGKILL) on drop.
+pub struct Node {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Node {
+    /// Starts `redis-server args(port)` on a port from `pick_port`, ready when
+    /// `ready(port)` says so; tries another port (up to 5) when one is lost to a race.
+    pub fn start(
+        log: PathBuf,
+        pick_port: fn() -> u16,
+        mut args: impl FnMut(u16) -> Vec<OsString>,
+        mut ready: impl FnMut(u16) -> bool,
+    ) -> Node {
+        for _ in 0..5 {
+            let port = pick_port();
+            if let Some(child) = spawn_redis(&args(port), &log, || ready(port)) {
+                return Node {
+                    child: Some(child),
+                    port,
+                    log,
+                };
+            }
+        }
+        panic!(
+            "redis-server did not start after 5 ports; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether it has not been killed.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its log file so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it (SIGKILL) and waits for it to go.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One command to the plain server on `port`, on a fresh connection with 2 s timeouts.
+pub fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    cmd.query(&mut conn)
+}
+
+/// The `field:value` lines of an `INFO`-like reply (`CLUSTER INFO`, `INFO replication`).
+pub fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines().find_map(|line| {
+        let (k, v) = line.trim_end().split_once(':')?;
+        (k == field).then(|| v.to_owned())
+    })
+}
+
+/// Runs a tool (`redis-cli`, `openssl`) to completion, bounded by `timeout` (killed
+/// after). Panics with the install hint when the tool is missing.
+pub fn run_tool(program: &str, args: &[OsString], timeout: Duration) -> std::process::Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("{program} is not installed or not on PATH. {INSTALL_HINT}")
+        }
+        Err(e) => panic!("could not run {program}: {e}"),
+    };
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+    }
+    child.wait_with_output().expect("collect tool output")
+}
+
+/// Polls `done` (every 20 ms) until it returns `Some`, for at most `limit`; on timeout
+/// panics with `what` and the last `Err` seen.
+pub fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match done() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not within {limit:?}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Whether a plain server (data node or sentinel) answers `PING` on `port`.
+pub fn ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
