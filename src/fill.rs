@@ -399,6 +399,7 @@ where
     B: HttpBody,
 {
     shared.counters.incr(Event::upstream_calls);
+    let _timer = crate::stats::FillTimer::start(&shared.counters);
     // The entry answers GET and HEAD alike: fill it with the whole answer.
     let mut req = req;
     if req.method() == http::Method::HEAD {
@@ -466,6 +467,7 @@ async fn contend_redis(
     let cfg = &shared.cfg;
     let started = Instant::now();
     let waiting = shared.wakers.register(key.hash);
+    let mut wait = crate::stats::LockWait::new(&shared.counters);
     let mut waited = false;
     let mut skip_value = false;
     // The holder token last seen on the lock, and since when.
@@ -501,6 +503,7 @@ async fn contend_redis(
                 if !waited {
                     waited = true;
                     shared.counters.incr(Event::lock_waited);
+                    wait.waiting();
                 }
                 let elapsed = started.elapsed();
                 if elapsed >= cfg.lock_wait {

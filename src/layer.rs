@@ -301,6 +301,7 @@ impl StampedeLayer {
             memory.marker_entries += passes.entry_count();
             memory.marker_bytes += passes.weighted_size();
         }
+        crate::stats::record_memory(&shared.counters, &memory);
         memory
     }
 }
@@ -621,6 +622,7 @@ impl StampedeBuilder {
             )),
         };
         let (tx, rx) = oneshot::channel();
+        let counters = Counters::new(&self.cfg.cache_name);
         StampedeLayer {
             shared: Arc::new(Shared {
                 status_values: StatusValues::new(&self.cfg.cache_name),
@@ -633,7 +635,7 @@ impl StampedeBuilder {
                 redis,
                 local_locks: LocalLocks::default(),
                 wakers: Arc::new(Wakers::default()),
-                counters: Counters::new(),
+                counters,
                 capacity: self.l1_capacity,
                 subscriber_started: AtomicBool::new(false),
                 subscriber_shutdown: Mutex::new(Some(rx)),

@@ -109,7 +109,7 @@ where
             outcome = tracing::field::Empty,
         );
         ResponseFuture::new(Box::pin(
-            handle(self.shared.clone(), svc, req).instrument(span),
+            crate::stats::timed(self.shared.clone(), handle(self.shared.clone(), svc, req)).instrument(span),
         ))
     }
 }
@@ -363,6 +363,7 @@ impl Shared {
     /// Adds this cache's `Cache-Status` entry after any from upstream caches.
     pub(crate) fn stamp<B>(&self, mut res: Response<B>, outcome: Outcome) -> Response<B> {
         tracing::Span::current().record("outcome", outcome.name());
+        crate::stats::note_outcome(outcome);
         let ours = self.status_values.get(outcome);
         let value = match res.headers().get(&CACHE_STATUS) {
             Some(theirs) => {
