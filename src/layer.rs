@@ -244,7 +244,7 @@ impl Expiry<[u8; 32], Arc<Entry>> for EntryExpiry {
 /// Redis connections. Clones share that node; services built from it share it too.
 #[derive(Clone)]
 pub struct StampedeLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl fmt::Debug for StampedeLayer {

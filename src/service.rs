@@ -109,7 +109,8 @@ where
             outcome = tracing::field::Empty,
         );
         ResponseFuture::new(Box::pin(
-            crate::stats::timed(self.shared.clone(), handle(self.shared.clone(), svc, req)).instrument(span),
+            crate::stats::timed(self.shared.clone(), handle(self.shared.clone(), svc, req))
+                .instrument(span),
         ))
     }
 }

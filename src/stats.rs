@@ -266,9 +266,9 @@ impl Metrics {
         let c = || cache.to_owned();
         let metrics = Metrics {
             counters: register_counters(cache),
-            requests: Ended::ALL.map(|e| {
-                metrics::histogram!(REQUEST_DURATION, "cache" => c(), "outcome" => e.label())
-            }),
+            requests: Ended::ALL.map(
+                |e| metrics::histogram!(REQUEST_DURATION, "cache" => c(), "outcome" => e.label()),
+            ),
             fill: metrics::histogram!(FILL_DURATION, "cache" => c()),
             lock_wait: metrics::histogram!(LOCK_WAIT, "cache" => c()),
             l1_entries: metrics::gauge!(L1_ENTRIES, "cache" => c()),
