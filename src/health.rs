@@ -67,11 +67,11 @@ impl BackendHealth {
     fn log(&self) {
         let redis = self.address();
         match &self.redis {
-            RedisState::NotUsed | RedisState::Up => tracing::info!(redis, "{self}"),
+            RedisState::NotUsed | RedisState::Up => tracing::info!(redis = %redis, "{self}"),
             RedisState::Down(RedisProblem::WrongPassword | RedisProblem::PasswordRequired) => {
-                tracing::error!(redis, "{self}")
+                tracing::error!(redis = %redis, "{self}")
             }
-            RedisState::Down(_) => tracing::warn!(redis, "{self}"),
+            RedisState::Down(_) => tracing::warn!(redis = %redis, "{self}"),
         }
     }
 }
