@@ -162,8 +162,17 @@ async fn a_healthy_redis_is_reported_once_at_start_up() {
 fn require_redis_exits_non_zero_when_redis_does_not_answer() {
     let port = closed_port();
     let mut child = Command::new(proxy_binary())
-        .args(["--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9"])
-        .args(["--redis", &format!("redis://127.0.0.1:{port}/"), "--require-redis"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .args([
+            "--redis",
+            &format!("redis://127.0.0.1:{port}/"),
+            "--require-redis",
+        ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -241,11 +250,18 @@ async fn a_node_whose_redis_is_down_is_live_and_says_so() {
     let deadline = Instant::now() + PATIENCE;
     let body = loop {
         let (status, body) = get(&format!("http://{ops}/healthz")).await;
-        assert_eq!(status, StatusCode::OK, "a fail-open node stays live: {body}");
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "a fail-open node stays live: {body}"
+        );
         if body.contains(r#""redis":"down""#) {
             break body;
         }
-        assert!(Instant::now() < deadline, "redis still up after its kill: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "redis still up after its kill: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(body.contains(r#""status":"ok""#), "{body}");
@@ -324,11 +340,13 @@ async fn metrics_are_described_histograms_have_buckets_and_gauges_follow_l1() {
     }
     for name in &families {
         assert!(
-            page.lines().any(|l| l.starts_with(&format!("# HELP {name} "))),
+            page.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
             "no # HELP for {name} in:\n{page}"
         );
         assert!(
-            page.lines().any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            page.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))),
             "no # TYPE for {name} in:\n{page}"
         );
         assert!(
@@ -357,9 +375,10 @@ async fn metrics_are_described_histograms_have_buckets_and_gauges_follow_l1() {
     );
     assert_eq!(all_hits_bucket, Some(3.0), "{page}");
     assert!(
-        page.lines().any(|l| l
-            .starts_with("tower_stampede_request_duration_seconds_bucket{")
-            && l.contains(r#"le="0.001""#)),
+        page.lines().any(
+            |l| l.starts_with("tower_stampede_request_duration_seconds_bucket{")
+                && l.contains(r#"le="0.001""#)
+        ),
         "{page}"
     );
     let fills = value(
@@ -369,7 +388,10 @@ async fn metrics_are_described_histograms_have_buckets_and_gauges_follow_l1() {
     assert_eq!(fills, Some(3.0), "{page}");
 
     // The L1 gauges: the three entries stored, and their weight.
-    let entries = value(&page, r#"tower_stampede_l1_entries{cache="tower-stampede"}"#);
+    let entries = value(
+        &page,
+        r#"tower_stampede_l1_entries{cache="tower-stampede"}"#,
+    );
     assert_eq!(entries, Some(3.0), "{page}");
     let bytes = value(&page, r#"tower_stampede_l1_bytes{cache="tower-stampede"}"#)
         .unwrap_or_else(|| panic!("no l1_bytes in:\n{page}"));
