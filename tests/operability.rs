@@ -279,10 +279,7 @@ async fn a_node_whose_redis_is_down_is_live_and_says_so() {
 
 /// The metric family of a sample line: its name without a histogram's suffixes.
 fn family(sample: &str) -> &str {
-    let name = sample
-        .split(|c| c == '{' || c == ' ')
-        .next()
-        .unwrap_or(sample);
+    let name = sample.split(['{', ' ']).next().unwrap_or(sample);
     ["_bucket", "_sum", "_count"]
         .iter()
         .find_map(|s| name.strip_suffix(s))
