@@ -37,9 +37,12 @@
 //! ```
 //!
 //! Options: `--listen ADDR` (default `127.0.0.1:3000`, or `127.0.0.1:$PORT`; port `0`
-//! picks a free one), `--redis-url URL` (or `REDIS_URL`), `--ttl 30s`. The address is
-//! printed as `listening on ADDR`. Logs go to stderr (`RUST_LOG` filters them).
+//! picks a free one), `--redis URL` (or `REDIS_URL`; `--redis-url` is an alias), `--ttl 30s`,
+//! `--log-format json|text`. The address is printed as `listening on ADDR`. Logs go to
+//! stderr (`RUST_LOG` filters them), coloured only on a terminal. At start-up it says
+//! whether Redis answers (`redis at ADDR answered`, or why not).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -66,12 +69,25 @@ struct Args {
     port: Option<u16>,
 
     /// Redis shared by the instances of a fleet; without it, the local backend.
-    #[arg(long, env = "REDIS_URL")]
-    redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", alias = "redis-url")]
+    redis: Option<String>,
+
+    /// Log lines as `text` (default) or `json` (one object a line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 
     /// How long a report stays cached, e.g. `30s` or `5m`.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ttl: Duration,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 /// The app's state: the "database" and the layer, for `/stats`.
@@ -99,17 +115,21 @@ impl Database {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 
-    let backend = match args.redis_url.as_deref().filter(|u| !u.is_empty()) {
+    let backend = match args.redis.as_deref().filter(|u| !u.is_empty()) {
         Some(url) => {
-            tracing::info!(%url, "redis backend: instances sharing it form one fleet");
+            // Not the URL itself: it may hold a password. The check below names the address.
+            tracing::info!("redis backend: instances sharing it form one fleet");
             Backend::redis(url)?
         }
         None => {
@@ -124,6 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .prefix("tower-stampede-axum-example")
         .ttl(args.ttl)
         .build();
+    stampede.check_backend().await;
 
     let state = AppState {
         db: Arc::default(),

@@ -59,12 +59,25 @@
 //!
 //! Once it is ready it logs `listening on ADDR` with the bound address (so `--listen
 //! 127.0.0.1:0` works), and `metrics on http://ADDR/metrics` with `--metrics-listen`.
+//!
+//! At start-up it asks Redis once ([`StampedeLayer::check_backend`]) and logs what it
+//! found: `redis at ADDR answered`, `redis at ADDR unreachable: connection refused; serving
+//! from this process only until it answers`, `redis rejected our credentials (WRONGPASS):
+//! check the URL's password`, ... With `--require-redis` a Redis that does not answer
+//! stops it instead (the same line at ERROR, non-zero exit).
+//!
+//! The `--metrics-listen` address also serves `GET /healthz` (200 while the process runs,
+//! with a JSON body: backend, `"redis":"up"|"down"`, `"breaker":"closed"|"open"`, L1
+//! figures; a node whose Redis is down still serves, from its own memory, so it is live)
+//! and `GET /readyz` (503 until the proxy listener is serving, then 200).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,10 +94,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceExt};
-use tower_stampede::{Backend, StampedeLayer};
+use tower_stampede::{Backend, BackendHealth, RedisState, StampedeLayer};
 use tracing_subscriber::EnvFilter;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -113,6 +126,15 @@ struct Args {
     /// `redis://127.0.0.1:6379/`. Without it each proxy caches and coalesces on its own.
     #[arg(long, env = "REDIS_URL")]
     redis: Option<String>,
+
+    /// Fail at start-up (non-zero exit) unless Redis answers. Without it a proxy whose Redis
+    /// is down starts anyway and serves from its own memory until Redis answers.
+    #[arg(long, requires = "redis")]
+    require_redis: bool,
+
+    /// Log lines as `text` (default) or `json` (one object a line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 
     /// How long a stored answer is fresh (`500ms`, `5s`, `1m`, ...).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -150,7 +172,8 @@ struct Args {
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     redis_timeout: Duration,
 
-    /// Serve Prometheus metrics at `http://ADDR/metrics` (port 0 picks a free port).
+    /// Serve Prometheus metrics at `http://ADDR/metrics`, and `/healthz` and `/readyz`
+    /// (port 0 picks a free port).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 
@@ -176,14 +199,24 @@ struct Args {
     forward_headers: Vec<HeaderName>,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal).
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    );
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
@@ -200,9 +233,11 @@ fn main() -> Result<(), BoxError> {
 async fn run(args: Args) -> Result<(), BoxError> {
     let origin = Origin::parse(&args.upstream)?;
 
-    if let Some(addr) = args.metrics_listen {
-        serve_metrics(addr).await?;
-    }
+    // The recorder goes in before the layer is built: the layer registers its series then.
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(metrics_listener(addr).await?),
+        None => None,
+    };
 
     let backend = match &args.redis {
         Some(url) => {
@@ -249,6 +284,30 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .vary(args.forward_headers.clone())
         .build();
 
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some((listener, handle)) = metrics {
+        let ops = Ops {
+            handle,
+            layer: layer.clone(),
+            ready: ready.clone(),
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+        };
+        serve_ops(listener, ops);
+    }
+
+    // What the backend looks like, once, now: a wrong URL shows at start-up, not at the
+    // first request. Bounded by the Redis deadline (about 1 s for the first connection).
+    if args.require_redis {
+        let health = layer.probe_backend().await;
+        if !health.is_up() {
+            tracing::error!("{health}");
+            return Err("--require-redis: redis did not answer".into());
+        }
+        tracing::info!("{health}");
+    } else {
+        layer.check_backend().await;
+    }
+
     let forwarding = Forwarding {
         trusted: args.trusted_proxies.clone(),
         key_host: args.key_host,
@@ -274,6 +333,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     );
     // A stable line: tests and scripts read the bound address from it.
     tracing::info!("listening on {local}");
+    ready.store(true, Ordering::Release);
 
     let server = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -358,11 +418,22 @@ async fn shutdown_signal() {
     }
 }
 
-/// Installs the Prometheus recorder for the `metrics` facade and serves its text at
-/// `http://addr/metrics`. (The exporter's own listener cannot report a port chosen by the
-/// OS, so the proxy serves the page itself.)
-async fn serve_metrics(addr: SocketAddr) -> Result<(), BoxError> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
+/// The buckets of the layer's duration histograms, in seconds: from a memory hit to a
+/// slow fill.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Installs the Prometheus recorder for the `metrics` facade (histograms with buckets, not
+/// summaries) and binds `addr` for the page. (The exporter's own listener cannot report a
+/// port chosen by the OS, so the proxy serves the page itself.)
+async fn metrics_listener(addr: SocketAddr) -> Result<(TcpListener, PrometheusHandle), BoxError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Prefix("tower_stampede_".to_owned()),
+            &DURATION_BUCKETS,
+        )?
+        .install_recorder()?;
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!("metrics on http://{local}/metrics");
@@ -376,7 +447,98 @@ async fn serve_metrics(addr: SocketAddr) -> Result<(), BoxError> {
             upkeep.run_upkeep();
         }
     });
+    Ok((listener, handle))
+}
 
+/// What the operations endpoints (`/metrics`, `/healthz`, `/readyz`) need.
+#[derive(Clone)]
+struct Ops {
+    handle: PrometheusHandle,
+    layer: StampedeLayer,
+    /// Set once the proxy listener serves.
+    ready: Arc<AtomicBool>,
+    /// The last backend probe and when it was made: `/healthz` asks Redis at most once a
+    /// second, however often it is called.
+    last: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, BackendHealth)>>>,
+}
+
+/// How long a backend probe answers `/healthz`.
+const HEALTH_FRESH: Duration = Duration::from_secs(1);
+
+impl Ops {
+    /// The backend's health, probed at most once per [`HEALTH_FRESH`]; callers that come
+    /// while a probe runs wait for it (bounded by the Redis deadline) instead of adding one.
+    async fn health(&self) -> BackendHealth {
+        let mut last = self.last.lock().await;
+        if let Some((at, health)) = &*last {
+            if at.elapsed() < HEALTH_FRESH {
+                return health.clone();
+            }
+        }
+        let health = self.layer.probe_backend().await;
+        *last = Some((tokio::time::Instant::now(), health.clone()));
+        health
+    }
+
+    async fn page(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        match req.uri().path() {
+            "/metrics" => {
+                // Brings the L1 gauges up to date for this scrape.
+                self.layer.memory().await;
+                let mut res = Response::new(Full::new(Bytes::from(self.handle.render())));
+                res.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                res
+            }
+            "/healthz" => {
+                let health = self.health().await;
+                let memory = self.layer.memory().await;
+                let redis = match &health.redis {
+                    RedisState::Up => "up",
+                    RedisState::Down(_) => "down",
+                    _ => "none",
+                };
+                let mut body = format!(
+                    "{{\"status\":\"ok\",\"backend\":\"{}\",\"redis\":\"{redis}\",\"breaker\":\"{}\"",
+                    health.backend,
+                    if health.breaker_open { "open" } else { "closed" },
+                );
+                if let Some(address) = &health.address {
+                    body.push_str(&format!(",\"address\":{}", json_string(address)));
+                }
+                if !health.is_up() {
+                    body.push_str(&format!(
+                        ",\"problem\":{}",
+                        json_string(&health.to_string())
+                    ));
+                }
+                body.push_str(&format!(
+                    ",\"l1_entries\":{},\"l1_bytes\":{},\"capacity\":{}}}\n",
+                    memory.l1_entries,
+                    memory.bytes(),
+                    memory.capacity
+                ));
+                json_response(StatusCode::OK, body)
+            }
+            "/readyz" => {
+                if self.ready.load(Ordering::Acquire) {
+                    json_response(StatusCode::OK, "{\"status\":\"ready\"}\n".to_owned())
+                } else {
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "{\"status\":\"starting\"}\n".to_owned(),
+                    )
+                }
+            }
+            _ => text_response(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n"),
+        }
+    }
+}
+
+/// Serves the operations endpoints on `listener`.
+fn serve_ops(listener: TcpListener, ops: Ops) {
     tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -387,10 +549,10 @@ async fn serve_metrics(addr: SocketAddr) -> Result<(), BoxError> {
                     continue;
                 }
             };
-            let handle = handle.clone();
+            let ops = ops.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let handle: PrometheusHandle = handle.clone();
-                async move { Ok::<_, Infallible>(metrics_page(&handle, &req)) }
+                let ops = ops.clone();
+                async move { Ok::<_, Infallible>(ops.page(&req).await) }
             });
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -401,17 +563,30 @@ async fn serve_metrics(addr: SocketAddr) -> Result<(), BoxError> {
             });
         }
     });
-    Ok(())
 }
 
-fn metrics_page(handle: &PrometheusHandle, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/metrics" {
-        return text_response(StatusCode::NOT_FOUND, "try /metrics\n");
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
     }
-    let mut res = Response::new(Full::new(Bytes::from(handle.render())));
+    out.push('"');
+    out
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
     res.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static("application/json"),
     );
     res
 }

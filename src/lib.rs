@@ -15,7 +15,7 @@ pub use http::{
     StampedeBuilder, StampedeLayer,
 };
 pub use stats::Stats;
-pub use tier::{Backend, BackendError};
+pub use tier::{Backend, BackendError, BackendHealth, RedisProblem, RedisState};
 
 /// Internals for the benchmarks in `benches/` (feature `__bench`); not part of the API.
 #[cfg(feature = "__bench")]

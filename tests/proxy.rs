@@ -527,7 +527,10 @@ async fn metrics_endpoint_counts_hits() {
         .find(|l| l.starts_with("tower_stampede_hits_total{") && l.contains("memory"))
         .unwrap_or_else(|| panic!("no memory-hit series in:\n{text}"));
     assert!(hits.ends_with(" 1"), "{hits}");
-    assert!(text.contains("tower_stampede_stored_total 1"), "{text}");
+    assert!(
+        text.contains("tower_stampede_stored_total{cache=\"tower-stampede\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

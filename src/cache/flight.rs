@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use super::codec::Codec;
 use super::entry::{self, now_ms, Kind, Meta, Windows};
-use crate::stats::{Counters, Event};
+use crate::stats::{Counters, Event, FillTimer, LockWait};
 use crate::tier::wake::{is_shared_error, Wake, FAILURE_MARKER_MAX};
 use crate::tier::PrehashedState;
 use crate::tier::{jittered, new_token, BackendError, Check, CheckOpts, KeyHash, Tier, WakeSink};
@@ -136,6 +136,8 @@ pub(crate) struct Config {
     /// value worth reading from the tier.
     pub(crate) max_payload: usize,
     pub(crate) l1_capacity: u64,
+    /// The `cache` label of this node's metrics.
+    pub(crate) name: String,
 }
 
 /// What a fill produced.
@@ -326,13 +328,14 @@ where
             .weigher(|_: &[u8; 32], _: &()| MARKER_WEIGHT)
             .time_to_live(Duration::from_secs(1).max(cfg.poll_interval))
             .build_with_hasher(PrehashedState::default());
+        let counters = Counters::new(&cfg.name);
         Arc::new(Core {
             cfg,
             l1,
             passes,
             refreshing,
             tier,
-            counters: Counters::new(),
+            counters,
             codec: PhantomData,
         })
     }
@@ -358,6 +361,8 @@ where
             memory.marker_entries += passes.entry_count();
             memory.marker_bytes += passes.weighted_size();
         }
+        self.counters
+            .record_memory(memory.l1_entries, memory.bytes());
         memory
     }
 
@@ -675,6 +680,7 @@ where
         fill: F,
     ) -> (Filled<T, F::Own>, bool, u32) {
         self.counters.incr(Event::upstream_calls);
+        let _timer = FillTimer::start(&self.counters);
         let started = Instant::now();
         let (filled, lost) = self.guarded(key, token, held, fill.run()).await;
         let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
@@ -740,6 +746,7 @@ where
         let cfg = &self.cfg;
         let started = Instant::now();
         let waiting = self.tier.wakers().register(key.hash.0);
+        let mut wait = LockWait::new(&self.counters);
         let mut waited = false;
         let mut skip_value = false;
         // The holder token last seen on the lock, and since when.
@@ -784,6 +791,7 @@ where
                     if !waited {
                         waited = true;
                         self.counters.incr(Event::lock_waited);
+                        wait.waiting();
                     }
                     let elapsed = started.elapsed();
                     if elapsed >= cfg.lock_wait {

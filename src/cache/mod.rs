@@ -50,7 +50,7 @@ use entry::{now_ms, Windows};
 use flight::{Config, Core, Fill, Filled, Flown, Key};
 
 use crate::stats::Stats;
-use crate::tier::{Backend, BackendError, Tier, TierConfig};
+use crate::tier::{Backend, BackendError, BackendHealth, Tier, TierConfig};
 
 /// Why [`Cache::try_get_with`] produced no value.
 #[derive(Debug)]
@@ -388,6 +388,32 @@ where
     pub async fn memory(&self) -> Memory {
         self.core.memory().await
     }
+
+    /// Asks the backend once whether it answers, logs what it found and returns it.
+    ///
+    /// With Redis: one `PING`, under the Redis deadline (`redis_timeout`; at least 1 s
+    /// while the first connection is made), past the circuit breaker and without feeding
+    /// it. The log line is the returned value's `Display`:
+    ///
+    /// * INFO `redis at 127.0.0.1:6379 answered`;
+    /// * WARN `redis at 127.0.0.1:6390 unreachable: connection refused; serving from this
+    ///   process only until it answers` (refused, unreachable, timed out: the address and
+    ///   the cause);
+    /// * ERROR `redis rejected our credentials (WRONGPASS): check the URL's password`, or
+    ///   `redis requires a password: add it to the URL` (`NOAUTH`).
+    ///
+    /// Call it at start-up, after building, so that a wrong URL shows at once rather than
+    /// at the first request. `probe_backend` asks without logging.
+    pub async fn check_backend(&self) -> BackendHealth {
+        let health = self.probe_backend().await;
+        health.log();
+        health
+    }
+
+    /// What [`check_backend`](Self::check_backend) finds, without logging it.
+    pub async fn probe_backend(&self) -> BackendHealth {
+        self.core.tier.probe().await
+    }
 }
 
 /// Builds a [`Cache`]. Every setting has a safe default; see each method.
@@ -424,6 +450,7 @@ pub(crate) fn default_config() -> Config {
         early_refresh: None,
         max_payload: 1024 * 1024,
         l1_capacity: 64 * 1024 * 1024,
+        name: "tower-stampede".to_owned(),
     }
 }
 
@@ -572,6 +599,13 @@ where
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.tier.breaker_failures = failures;
         self.tier.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// The `cache` label of this node's metrics, to tell caches apart. Default
+    /// `"tower-stampede"`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.cfg.name = name.into();
         self
     }
 

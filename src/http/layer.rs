@@ -17,7 +17,7 @@ use super::stored;
 use crate::cache::flight::{Config, Core};
 use crate::cache::{default_config, default_tier, FailurePolicy, Memory};
 use crate::stats::Stats;
-use crate::tier::{Backend, Tier, TierConfig};
+use crate::tier::{Backend, BackendHealth, Tier, TierConfig};
 
 /// A [`Layer`] that puts a stampede-proof cache in front of an HTTP service.
 ///
@@ -67,6 +67,43 @@ impl StampedeLayer {
     /// ```
     pub async fn memory(&self) -> Memory {
         self.shared.core.memory().await
+    }
+
+    /// Asks the backend once whether it answers, logs what it found and returns it.
+    ///
+    /// With Redis: one `PING`, under the Redis deadline (`redis_timeout`; at least 1 s
+    /// while the first connection is made), past the circuit breaker and without feeding
+    /// it. The log line is the returned value's `Display`:
+    ///
+    /// * INFO `redis at 127.0.0.1:6379 answered`;
+    /// * WARN `redis at 127.0.0.1:6390 unreachable: connection refused; serving from this
+    ///   process only until it answers` (refused, unreachable, timed out: the address and
+    ///   the cause);
+    /// * ERROR `redis rejected our credentials (WRONGPASS): check the URL's password`, or
+    ///   `redis requires a password: add it to the URL` (`NOAUTH`).
+    ///
+    /// Call it at start-up, after building, so that a wrong URL shows at once rather than
+    /// at the first request. `probe_backend` asks without logging.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = tower_stampede::StampedeLayer::new();
+    /// let health = layer.check_backend().await;
+    /// assert_eq!(health.backend, "local");
+    /// assert!(health.is_up());
+    /// # }
+    /// ```
+    pub async fn check_backend(&self) -> BackendHealth {
+        let health = self.probe_backend().await;
+        health.log();
+        health
+    }
+
+    /// What [`check_backend`](Self::check_backend) finds, without logging it: for a health
+    /// endpoint. Bounded by the Redis deadline.
+    pub async fn probe_backend(&self) -> BackendHealth {
+        self.shared.core.tier.probe().await
     }
 }
 
@@ -338,6 +375,7 @@ impl StampedeBuilder {
     pub fn build(self) -> StampedeLayer {
         let mut flight = self.flight;
         flight.max_payload = stored::max_payload(self.rules.max_body);
+        flight.name = self.cache_name.clone();
         let tier = Tier::new(self.backend, &self.tier);
         StampedeLayer {
             shared: Arc::new(Shared {

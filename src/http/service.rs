@@ -113,9 +113,40 @@ where
             outcome = tracing::field::Empty,
         );
         ResponseFuture::new(Box::pin(
-            handle(self.shared.clone(), svc, req).instrument(span),
+            timed(self.shared.clone(), handle(self.shared.clone(), svc, req)).instrument(span),
         ))
     }
+}
+
+tokio::task_local! {
+    /// The outcome of the request whose future is being polled, noted by `stamp`.
+    static OUTCOME: std::cell::Cell<Option<Outcome>>;
+}
+
+/// Runs a request's future and records its duration, up to the response head, by
+/// outcome. A request whose future is dropped records nothing.
+async fn timed<F, T, E>(shared: Arc<Shared>, request: F) -> Result<T, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    if !cfg!(feature = "metrics") {
+        return request.await;
+    }
+    OUTCOME
+        .scope(std::cell::Cell::new(None), async move {
+            let started = std::time::Instant::now();
+            let result = request.await;
+            let outcome = match &result {
+                Ok(_) => OUTCOME.with(|cell| cell.get()),
+                Err(_) => None,
+            };
+            shared
+                .core
+                .counters
+                .record_request(Outcome::ended(outcome), started.elapsed().as_secs_f64());
+            result
+        })
+        .await
 }
 
 /// What the client asked beyond the key: a body or not, and its validator.
@@ -368,6 +399,7 @@ impl Shared {
     /// Adds this cache's `Cache-Status` entry after any from upstream caches.
     pub(crate) fn stamp<B>(&self, mut res: Response<B>, outcome: Outcome) -> Response<B> {
         tracing::Span::current().record("outcome", outcome.name());
+        let _ = OUTCOME.try_with(|cell| cell.set(Some(outcome)));
         let ours = self.status_values.get(outcome);
         let value = match res.headers().get(&CACHE_STATUS) {
             Some(theirs) => {

@@ -2,6 +2,8 @@
 
 use http::HeaderValue;
 
+use crate::stats::Ended;
+
 /// How one response was produced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -33,6 +35,22 @@ pub(crate) enum Outcome {
     LockTimeout,
     /// The upstream kept failing while this request waited on it.
     UpstreamFailed,
+}
+
+impl Outcome {
+    /// How a request that ended with this outcome is labelled in the duration histogram;
+    /// `None` (the inner service returned an error) is an error.
+    pub(crate) fn ended(outcome: Option<Outcome>) -> Ended {
+        match outcome {
+            Some(Outcome::HitMemory | Outcome::HitRedis) => Ended::Hit,
+            Some(Outcome::Stale | Outcome::StaleIfError) => Ended::Stale,
+            Some(Outcome::Stored | Outcome::Uncacheable) => Ended::Miss,
+            Some(Outcome::Collapsed | Outcome::CollapsedFleet) => Ended::Collapsed,
+            Some(Outcome::HitForPass | Outcome::Method | Outcome::Bypass(_)) => Ended::Bypass,
+            Some(Outcome::RedisUnavailable | Outcome::LockTimeout | Outcome::UpstreamFailed)
+            | None => Ended::Error,
+        }
+    }
 }
 
 impl From<crate::cache::flight::Outcome> for Outcome {
@@ -125,5 +143,35 @@ impl Outcome {
             Outcome::LockTimeout => "lock-timeout",
             Outcome::UpstreamFailed => "upstream-failed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_has_a_label() {
+        use Outcome::*;
+        let cases = [
+            (HitMemory, "hit"),
+            (HitRedis, "hit"),
+            (Stale, "stale"),
+            (StaleIfError, "stale"),
+            (Stored, "miss"),
+            (Uncacheable, "miss"),
+            (Collapsed, "collapsed"),
+            (CollapsedFleet, "collapsed"),
+            (HitForPass, "bypass"),
+            (Method, "bypass"),
+            (Bypass("key"), "bypass"),
+            (RedisUnavailable, "error"),
+            (LockTimeout, "error"),
+            (UpstreamFailed, "error"),
+        ];
+        for (outcome, label) in cases {
+            assert_eq!(Outcome::ended(Some(outcome)).label(), label, "{outcome:?}");
+        }
+        assert_eq!(Outcome::ended(None).label(), "error");
     }
 }

@@ -114,6 +114,11 @@ impl Breaker {
         }
     }
 
+    /// Open or half-open: Redis is being skipped, or one trial is testing it.
+    pub(crate) fn is_open(&self) -> bool {
+        !matches!(self.lock().state, State::Closed)
+    }
+
     /// Records that a call made under `permit` got an answer.
     pub(crate) fn success(&self, permit: Permit) -> Option<Transition> {
         if permit != Permit::Trial {
@@ -228,6 +233,10 @@ impl RedisConn {
         self.timeout
     }
 
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     fn manager_in(&self, cell: &OnceLock<ConnectionManager>) -> RedisResult<ConnectionManager> {
         if let Some(m) = cell.get() {
             return Ok(m.clone());
@@ -291,16 +300,14 @@ impl RedisConn {
             (Some(Transition::Opened), Some(e)) => tracing::warn!(
                 error = %e,
                 cooldown = ?self.breaker.cooldown,
-                "redis failing; skipping it for a cool-down"
+                "redis failing; breaker open, serving from this process only for a cool-down"
             ),
             (Some(Transition::Reopened), Some(e)) => tracing::debug!(
                 error = %e,
                 cooldown = ?self.breaker.cooldown,
                 "redis still failing after the cool-down; skipping it for another"
             ),
-            (Some(Transition::Closed), _) => {
-                tracing::info!("redis answering again; no longer skipped")
-            }
+            (Some(Transition::Closed), _) => tracing::info!("redis answers again; breaker closed"),
             _ => {}
         }
     }

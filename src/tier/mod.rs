@@ -25,6 +25,7 @@ use bytes::Bytes;
 
 #[cfg(feature = "redis")]
 pub(crate) mod conn;
+pub(crate) mod health;
 pub(crate) mod local;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
@@ -37,6 +38,7 @@ pub use conn::BackendError;
 #[cfg(not(feature = "redis"))]
 pub use local::BackendError;
 
+pub use health::{BackendHealth, RedisProblem, RedisState};
 pub(crate) use wake::{WakeSink, Wakers};
 
 /// Where the shared tier lives: nowhere (this process only) or Redis.
@@ -74,6 +76,7 @@ impl fmt::Debug for Backend {
 pub(crate) fn redacted(client: &::redis::Client) -> String {
     match client.get_connection_info().addr() {
         ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
+        ::redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
         other => other.to_string(),
     }
 }

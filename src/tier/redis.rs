@@ -350,4 +350,21 @@ impl RedisTier {
             .await?;
         Ok(value.map(Bytes::from))
     }
+
+    /// One `PING` under the deadline, whatever the breaker says (and without feeding it).
+    pub(crate) async fn ping(&self) -> Result<(), BackendError> {
+        self.conn
+            .run_always(|mut c| async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(drop)
+            })
+            .await
+    }
+
+    /// Whether the breaker is skipping Redis (or testing it with one trial) now.
+    pub(crate) fn breaker_open(&self) -> bool {
+        self.conn.breaker().is_open()
+    }
 }
