@@ -162,8 +162,12 @@ pub(crate) enum Filled<T, O> {
 pub(crate) trait Fill<T>: Send + 'static {
     /// What only the caller that ran the fill gets back (a streamed response, an error).
     type Own: Send + 'static;
-    /// Runs the fill.
-    fn run(self) -> impl std::future::Future<Output = Filled<T, Self::Own>> + Send;
+    /// Runs the fill. `stale` is the newest copy the flight knows of (stale, or kept for
+    /// stale-if-error), for a fill that can revalidate it (a conditional request).
+    fn run(
+        self,
+        stale: Option<Arc<Stored<T>>>,
+    ) -> impl std::future::Future<Output = Filled<T, Self::Own>> + Send;
 }
 
 /// What a caller gets from the flight.
@@ -570,7 +574,7 @@ where
     }
 
     /// Returns true when the key needs no further refresh for now.
-    async fn refresh<F: Fill<T>>(&self, key: &Key, fill: F, current: &Stored<T>) -> bool {
+    async fn refresh<F: Fill<T>>(&self, key: &Key, fill: F, current: &Arc<Stored<T>>) -> bool {
         let token = new_token();
         // Another node may have refreshed already: adopt its newer value.
         let mut skip_value = false;
@@ -612,7 +616,9 @@ where
             }
         };
         self.counters.incr(Event::refreshes);
-        let (filled, lost, fill_ms) = self.lead(key, &token, held, fill).await;
+        let (filled, lost, fill_ms) = self
+            .lead(key, &token, held, fill, Some(current.clone()))
+            .await;
         match filled {
             Filled::Store {
                 value,
@@ -678,11 +684,12 @@ where
         token: &str,
         held: Held,
         fill: F,
+        stale: Option<Arc<Stored<T>>>,
     ) -> (Filled<T, F::Own>, bool, u32) {
         self.counters.incr(Event::upstream_calls);
         let _timer = FillTimer::start(&self.counters);
         let started = Instant::now();
-        let (filled, lost) = self.guarded(key, token, held, fill.run()).await;
+        let (filled, lost) = self.guarded(key, token, held, fill.run(stale)).await;
         let fill_ms = started.elapsed().as_millis().min(u32::MAX as u128) as u32;
         (filled, lost, fill_ms)
     }
@@ -1034,7 +1041,7 @@ async fn fly<T, C, F>(
         Contend::Lead(held) => held,
     };
 
-    let (filled, lost, fill_ms) = core.lead(&key, &token, held, fill).await;
+    let (filled, lost, fill_ms) = core.lead(&key, &token, held, fill, fallback.clone()).await;
     match filled {
         Filled::Store {
             value,

@@ -195,7 +195,7 @@ where
 {
     type Own = Result<V, E>;
 
-    async fn run(self) -> Filled<V, Result<V, E>> {
+    async fn run(self, _stale: Option<Arc<flight::Stored<V>>>) -> Filled<V, Result<V, E>> {
         match self.init.await {
             Ok((value, opts)) if opts.no_store => Filled::Pass {
                 own: Ok(value),
@@ -295,7 +295,7 @@ where
                 _ => Error::FillFailedElsewhere,
             }),
             // Hit-for-pass: this caller's own init, directly.
-            Flown::Pass(fill) => match fill.run().await {
+            Flown::Pass(fill) => match fill.run(None).await {
                 Filled::Store { value, .. } => Ok(value),
                 Filled::Pass { own, .. } => own.map_err(|e| Error::Init(Arc::new(e))),
                 Filled::Failed { own: Some(own), .. } => own.map_err(|e| Error::Init(Arc::new(e))),

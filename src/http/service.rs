@@ -177,7 +177,10 @@ where
 {
     type Own = Result<Response<StampedeBody<B>>, S::Error>;
 
-    async fn run(self) -> Filled<stored::Response, Self::Own> {
+    async fn run(
+        self,
+        _stale: Option<Arc<Stored<stored::Response>>>,
+    ) -> Filled<stored::Response, Self::Own> {
         let HttpFill {
             shared,
             mut svc,
