@@ -162,6 +162,13 @@ pub(crate) enum Filled<T, O> {
 pub(crate) trait Fill<T>: Send + 'static {
     /// What only the caller that ran the fill gets back (a streamed response, an error).
     type Own: Send + 'static;
+    /// What of the fill's own answer its followers in this process may share when it
+    /// failed (an error behind an `Arc`). Default: nothing.
+    fn share(own: &Self::Own) -> Option<SharedError> {
+        let _ = own;
+        None
+    }
+
     /// Runs the fill. `stale` is the newest copy the flight knows of (stale, or kept for
     /// stale-if-error), for a fill that can revalidate it (a conditional request).
     fn run(
@@ -176,19 +183,24 @@ pub(crate) enum Flown<T, F: Fill<T>> {
     Value(Arc<Stored<T>>, Outcome),
     /// This caller's fill ran and nothing was shared: its own answer.
     Own(F::Own, Outcome),
-    /// The fill failed with this status, and this caller has no answer of its own.
-    Failed(u16, Outcome),
+    /// The fill failed with this status, and this caller has no answer of its own (with
+    /// the error the fill shared, for a follower in this process).
+    Failed(u16, Outcome, Option<SharedError>),
     /// Go to the fill directly (a hit-for-pass marker): the fill is handed back, unused.
     Pass(F),
     /// A fail-closed policy refused.
     Refused(Outcome),
 }
 
+/// A fill's error, shared with the followers of its flight in this process (the generic
+/// cache hands it to them as its `Arc<E>`).
+pub(crate) type SharedError = Arc<dyn std::any::Any + Send + Sync>;
+
 /// How a flight ended, as its followers in this process see it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 enum FlightEnd {
     Pass,
-    Failed(u16),
+    Failed(u16, Option<SharedError>),
     Refused(Outcome),
     /// The fill ended without any answer (it cannot, short of a bug): a follower may lead
     /// the next attempt.
@@ -489,8 +501,8 @@ where
                     };
                     let result = match &answer {
                         Led::Value(stored, _) => Ok(stored.clone()),
-                        Led::Own { followers, .. } => Err(*followers),
-                        Led::Failed(status) => Err(FlightEnd::Failed(*status)),
+                        Led::Own { followers, .. } => Err(followers.clone()),
+                        Led::Failed(status) => Err(FlightEnd::Failed(*status, None)),
                         Led::Pass(_) => Err(FlightEnd::Pass),
                         Led::Refused(outcome) => Err(FlightEnd::Refused(*outcome)),
                     };
@@ -502,7 +514,7 @@ where
                 (Ok(_), Some(Led::Value(stored, outcome))) => return Flown::Value(stored, outcome),
                 (Err(_), Some(Led::Own { own, outcome, .. })) => return Flown::Own(own, outcome),
                 (Err(_), Some(Led::Failed(status))) => {
-                    return Flown::Failed(status, Outcome::FillFailed)
+                    return Flown::Failed(status, Outcome::FillFailed, None)
                 }
                 (Err(_), Some(Led::Pass(fill))) => return Flown::Pass(fill),
                 (Err(_), Some(Led::Refused(outcome))) => return Flown::Refused(outcome),
@@ -519,20 +531,22 @@ where
                     };
                     return Flown::Value(stored, outcome);
                 }
-                (Err(end), _) => match *end {
+                (Err(end), _) => match (*end).clone() {
                     FlightEnd::Pass => {
                         self.counters.incr(Event::hit_for_pass);
                         if let Some(fill) = fill.take() {
                             return Flown::Pass(fill);
                         }
-                        return Flown::Failed(502, Outcome::FillFailed);
+                        return Flown::Failed(502, Outcome::FillFailed, None);
                     }
-                    FlightEnd::Failed(status) => return Flown::Failed(status, Outcome::FillFailed),
+                    FlightEnd::Failed(status, shared) => {
+                        return Flown::Failed(status, Outcome::FillFailed, shared)
+                    }
                     FlightEnd::Refused(outcome) => return Flown::Refused(outcome),
                     FlightEnd::Vanished => {
                         vanished += 1;
                         if vanished > self.cfg.max_takeovers || fill.is_none() {
-                            return Flown::Failed(502, Outcome::FillFailed);
+                            return Flown::Failed(502, Outcome::FillFailed, None);
                         }
                     }
                 },
@@ -1098,13 +1112,13 @@ async fn fly<T, C, F>(
                 Some(stale) => Led::Value(stale, Outcome::StaleIfError),
                 None => match own {
                     Some(own) => Led::Own {
+                        followers: FlightEnd::Failed(status, F::share(&own)),
                         own,
                         outcome: if is_shared_error(status) {
                             Outcome::Uncacheable
                         } else {
                             Outcome::FillFailed
                         },
-                        followers: FlightEnd::Failed(status),
                     },
                     None => Led::Failed(status),
                 },

@@ -193,9 +193,14 @@ where
     E: Send + Sync + 'static,
     Fut: Future<Output = Result<(V, EntryOptions), E>> + Send + 'static,
 {
-    type Own = Result<V, E>;
+    type Own = Result<V, Arc<E>>;
 
-    async fn run(self, _stale: Option<Arc<flight::Stored<V>>>) -> Filled<V, Result<V, E>> {
+    fn share(own: &Self::Own) -> Option<flight::SharedError> {
+        let e: flight::SharedError = Arc::new(own.as_ref().err()?.clone());
+        Some(e)
+    }
+
+    async fn run(self, _stale: Option<Arc<flight::Stored<V>>>) -> Filled<V, Result<V, Arc<E>>> {
         match self.init.await {
             Ok((value, opts)) if opts.no_store => Filled::Pass {
                 own: Ok(value),
@@ -221,7 +226,7 @@ where
                 }
             }
             Err(e) => Filled::Failed {
-                own: Some(Err(e)),
+                own: Some(Err(Arc::new(e))),
                 status: 502,
             },
         }
@@ -272,11 +277,11 @@ where
 
     /// [`try_get_with`](Self::try_get_with) whose init also decides, from the value it
     /// fetched, how long the entry lives or that it is not stored ([`EntryOptions`]).
-    pub async fn try_get_with_options<E, Fut>(
+    pub fn try_get_with_options<E, Fut>(
         &self,
         key: impl AsRef<str>,
         init: Fut,
-    ) -> Result<V, Error<E>>
+    ) -> impl Future<Output = Result<V, Error<E>>> + Send + 'static
     where
         E: Send + Sync + 'static,
         Fut: Future<Output = Result<(V, EntryOptions), E>> + Send + 'static,
@@ -286,23 +291,35 @@ where
             init,
             defaults: self.defaults,
         };
-        match self.core.get(key, fill).await {
-            Flown::Value(stored, _) => Ok(stored.value.clone()),
-            Flown::Own(Ok(value), _) => Ok(value),
-            Flown::Own(Err(e), _) => Err(Error::Init(Arc::new(e))),
-            Flown::Failed(status, _) => Err(match status {
-                504 => Error::FillAborted,
-                _ => Error::FillFailedElsewhere,
-            }),
-            // Hit-for-pass: this caller's own init, directly.
-            Flown::Pass(fill) => match fill.run(None).await {
-                Filled::Store { value, .. } => Ok(value),
-                Filled::Pass { own, .. } => own.map_err(|e| Error::Init(Arc::new(e))),
-                Filled::Failed { own: Some(own), .. } => own.map_err(|e| Error::Init(Arc::new(e))),
-                Filled::Failed { own: None, .. } => Err(Error::FillAborted),
-            },
-            Flown::Refused(_) => Err(Error::Refused),
-        }
+        let core = self.core.clone();
+        // Boxed as `Send` here, where the compiler can see it is: callers then spawn the
+        // call freely (an `async fn` chain this deep otherwise trips a known limit of the
+        // compiler's higher-ranked `Send` reasoning at the caller).
+        let call: std::pin::Pin<Box<dyn Future<Output = Result<V, Error<E>>> + Send>> =
+            Box::pin(async move {
+                match core.get(key, fill).await {
+                    Flown::Value(stored, _) => Ok(stored.value.clone()),
+                    Flown::Own(Ok(value), _) => Ok(value),
+                    Flown::Own(Err(e), _) => Err(Error::Init(e)),
+                    Flown::Failed(_, _, Some(shared)) => match shared.downcast::<Arc<E>>() {
+                        Ok(e) => Err(Error::Init((*e).clone())),
+                        Err(_) => Err(Error::FillFailedElsewhere),
+                    },
+                    Flown::Failed(status, _, None) => Err(match status {
+                        504 => Error::FillAborted,
+                        _ => Error::FillFailedElsewhere,
+                    }),
+                    // Hit-for-pass: this caller's own init, directly.
+                    Flown::Pass(fill) => match fill.run(None).await {
+                        Filled::Store { value, .. } => Ok(value),
+                        Filled::Pass { own, .. } => own.map_err(Error::Init),
+                        Filled::Failed { own: Some(own), .. } => own.map_err(Error::Init),
+                        Filled::Failed { own: None, .. } => Err(Error::FillAborted),
+                    },
+                    Flown::Refused(_) => Err(Error::Refused),
+                }
+            });
+        call
     }
 
     /// The value of `key` if this node's memory or the shared tier has a fresh one; never

@@ -371,7 +371,7 @@ where
             });
             res.map(|r| shared.stamp(r, outcome.into()))
         }
-        Flown::Failed(status, outcome) => Ok(shared.error_response(
+        Flown::Failed(status, outcome, _) => Ok(shared.error_response(
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             outcome.into(),
         )),
