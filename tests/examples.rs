@@ -125,7 +125,7 @@ async fn rate_limited_api_sees_ten_calls_and_no_429() {
         out.contains("(REDIS_URL)"),
         "the example used REDIS_URL:\n{out}"
     );
-    // Columns: without layer, with layer.
+    // Columns: without layer, with layer, with Cache<V>.
     let cells = |label: &str| {
         let found = rows(&out, label);
         assert_eq!(found.len(), 1, "one `{label}` row:\n{out}");
@@ -134,14 +134,19 @@ async fn rate_limited_api_sees_ten_calls_and_no_429() {
             s.parse::<usize>()
                 .unwrap_or_else(|_| panic!("a count in `{label}`:\n{out}"))
         };
-        (n(&row[0]), n(&row[1]))
+        (n(&row[0]), n(&row[1]), n(&row[2]))
     };
-    assert_eq!(cells("API calls made"), (1000, 10), "{out}");
-    let (without, with) = cells("429s seen by clients");
+    assert_eq!(cells("API calls made"), (1000, 10, 10), "{out}");
+    let (without, with, cached) = cells("429s seen by clients");
     assert!(without > 0, "without the layer the API rate limits:\n{out}");
-    assert_eq!(with, 0, "with the layer no 429s:\n{out}");
-    assert_eq!(cells("lookups answered 200").1, 1000, "{out}");
-    assert_eq!(cells("other failures"), (0, 0), "{out}");
+    assert_eq!(
+        (with, cached),
+        (0, 0),
+        "with the layer or the cache no 429s:\n{out}"
+    );
+    let (_, with, cached) = cells("lookups answered 200");
+    assert_eq!((with, cached), (1000, 1000), "{out}");
+    assert_eq!(cells("other failures"), (0, 0, 0), "{out}");
 }
 
 #[tokio::test]
