@@ -1,7 +1,7 @@
 //! The hit path's cost: an L1 hit through the layer against the bare inner service, side by
 //! side in one run, plus the envelope and the key hash on their own.
 //!
-//! `cargo bench --bench layer`
+//! `cargo bench --bench layer --features __bench`
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -83,5 +83,47 @@ fn key(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hit_path, envelope, key);
+/// A typical API record, as `Cache<V>` stores it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Profile {
+    id: u64,
+    name: String,
+    email: String,
+    followers: u32,
+    verified: bool,
+    tags: Vec<String>,
+}
+
+/// `Cache<V>`'s default codec (postcard) against JSON: time each way, and the bytes (printed
+/// once, as `codec bytes: ...`).
+fn codec(c: &mut Criterion) {
+    use tower_stampede::cache::{Codec, Postcard};
+    let p = Profile {
+        id: 1_234_567,
+        name: "Ada Lovelace".into(),
+        email: "ada@example.com".into(),
+        followers: 98_765,
+        verified: true,
+        tags: vec!["math".into(), "engines".into(), "poetry".into()],
+    };
+    let post = Bytes::from(<Postcard as Codec<Profile>>::encode(&p).unwrap());
+    let json = Bytes::from(serde_json::to_vec(&p).unwrap());
+    println!("codec bytes: postcard {}, json {}", post.len(), json.len());
+    let mut group = c.benchmark_group("codec");
+    group.bench_function("postcard_encode", |b| {
+        b.iter(|| black_box(<Postcard as Codec<Profile>>::encode(black_box(&p)).unwrap()))
+    });
+    group.bench_function("json_encode", |b| {
+        b.iter(|| black_box(serde_json::to_vec(black_box(&p)).unwrap()))
+    });
+    group.bench_function("postcard_decode", |b| {
+        b.iter(|| black_box(<Postcard as Codec<Profile>>::decode(black_box(&post)).unwrap()))
+    });
+    group.bench_function("json_decode", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<Profile>(black_box(&json)).unwrap()))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hit_path, envelope, key, codec);
 criterion_main!(benches);

@@ -61,8 +61,8 @@ impl Codec<String> for Raw {
 /// Any `Serialize + DeserializeOwned` value, in [postcard](https://docs.rs/postcard)'s
 /// compact format (feature `serde`).
 ///
-/// Postcard was measured against JSON and bincode for a typical API profile (see the
-/// README's "Performance" section): the smallest bytes, and fast both ways.
+/// Measured against JSON for a typical API profile (`cargo bench --bench layer --features
+/// __bench -- codec`; figures in the README's "Performance" section).
 #[cfg(feature = "serde")]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Postcard;
