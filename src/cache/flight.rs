@@ -36,7 +36,9 @@ use super::entry::{self, now_ms, Kind, Meta, Windows};
 use crate::stats::{Counters, Event, FillTimer, LockWait};
 use crate::tier::wake::{is_shared_error, Wake, FAILURE_MARKER_MAX};
 use crate::tier::PrehashedState;
-use crate::tier::{jittered, new_token, BackendError, Check, CheckOpts, KeyHash, Tier, WakeSink};
+use crate::tier::{
+    jittered, new_token, BackendError, Check, CheckOpts, Generation, KeyHash, Tier, WakeSink,
+};
 
 /// What to do when the tier fails, or when a lock wait passes its limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,6 +68,9 @@ pub(crate) enum Outcome {
     Stale,
     /// A stale copy, served because the fill failed (stale-if-error).
     StaleIfError,
+    /// A stale copy, served because the fill took longer than the soft timeout; the fill
+    /// goes on and stores when it lands.
+    StaleSoftTimeout,
     /// The fill ran; its answer could not be stored.
     Uncacheable,
     /// The tier failed and the policy is to fail closed.
@@ -93,6 +98,11 @@ impl Key {
     pub(crate) fn short(&self) -> impl std::fmt::Display + '_ {
         self.hash.short()
     }
+}
+
+/// The hash a tag is announced under when it is purged.
+pub(crate) fn tag_hash(tag: &str) -> KeyHash {
+    KeyHash(Sha256::digest(format!("tag\n{tag}").as_bytes()).into())
 }
 
 /// One entry in memory: its meta, its decoded value and what it weighs.
@@ -138,6 +148,9 @@ pub(crate) struct Config {
     pub(crate) l1_capacity: u64,
     /// The `cache` label of this node's metrics.
     pub(crate) name: String,
+    /// With a usable stale copy, a fill slower than this answers its callers from the copy
+    /// and goes on in the background.
+    pub(crate) soft_timeout: Option<Duration>,
 }
 
 /// What a fill produced.
@@ -205,11 +218,16 @@ enum FlightEnd {
     /// The fill ended without any answer (it cannot, short of a bug): a follower may lead
     /// the next attempt.
     Vanished,
+    /// The key was purged while the fill ran: its answer is the leader's only (it asked
+    /// before the purge); a follower, who may have asked after it, starts a new attempt.
+    Purged,
 }
 
 /// What the fill task hands the caller that started it.
 enum Led<T, F: Fill<T>> {
     Value(Arc<Stored<T>>, Outcome),
+    /// A value for the leader only: the key was purged while the fill ran.
+    Purged(Arc<Stored<T>>, Outcome),
     Own {
         own: F::Own,
         outcome: Outcome,
@@ -236,8 +254,10 @@ enum Contend<T> {
     Found(Arc<Stored<T>>, Outcome),
     /// A stale copy inside its stale-while-revalidate window.
     Stale(Arc<Stored<T>>),
+    /// A usable stale copy, served because another node's fill passed the soft timeout.
+    SoftStale(Arc<Stored<T>>),
     Pass,
-    Lead(Held),
+    Lead(Held, Generation),
     Refuse(Outcome),
     /// The attempt this caller waited on (on another node) failed with this status.
     Failed(u16),
@@ -304,6 +324,11 @@ pub(crate) struct Core<T, C> {
     /// Keys this process is refreshing in the background (or just failed to refresh: the
     /// marker then expires on its own, a backoff before the next try).
     refreshing: Moka<[u8; 32], (), PrehashedState>,
+    /// When each key was last purged (heard here or done here), in Unix ms: a fill that
+    /// started before does not share its answer.
+    purges: Moka<[u8; 32], u64, PrehashedState>,
+    /// The highest purge epoch heard in a wake-up.
+    epoch_heard: std::sync::atomic::AtomicU64,
     pub(crate) tier: Tier,
     pub(crate) counters: Counters,
     codec: PhantomData<fn() -> C>,
@@ -339,8 +364,17 @@ where
                 .time_to_live(cfg.hit_for_pass)
                 .build_with_hasher(PrehashedState::default())
         });
+        let purges = Moka::builder()
+            .max_capacity(markers / 4)
+            .weigher(|_: &[u8; 32], _: &u64| MARKER_WEIGHT)
+            .time_to_live(
+                cfg.fill_timeout
+                    .saturating_mul(2)
+                    .max(Duration::from_secs(1)),
+            )
+            .build_with_hasher(PrehashedState::default());
         let refreshing = Moka::builder()
-            .max_capacity(markers / 2)
+            .max_capacity(markers / 4)
             .weigher(|_: &[u8; 32], _: &()| MARKER_WEIGHT)
             .time_to_live(Duration::from_secs(1).max(cfg.poll_interval))
             .build_with_hasher(PrehashedState::default());
@@ -350,6 +384,8 @@ where
             l1,
             passes,
             refreshing,
+            purges,
+            epoch_heard: std::sync::atomic::AtomicU64::new(0),
             tier,
             counters,
             codec: PhantomData,
@@ -365,11 +401,12 @@ where
     pub(crate) async fn memory(&self) -> Memory {
         self.l1.run_pending_tasks().await;
         self.refreshing.run_pending_tasks().await;
+        self.purges.run_pending_tasks().await;
         let mut memory = Memory {
             l1_entries: self.l1.entry_count(),
             l1_bytes: self.l1.weighted_size(),
-            marker_entries: self.refreshing.entry_count(),
-            marker_bytes: self.refreshing.weighted_size(),
+            marker_entries: self.refreshing.entry_count() + self.purges.entry_count(),
+            marker_bytes: self.refreshing.weighted_size() + self.purges.weighted_size(),
             capacity: self.cfg.l1_capacity,
         };
         if let Some(passes) = &self.passes {
@@ -418,6 +455,68 @@ where
             Kind::Pass => return Err(entry::DecodeError::Malformed),
         };
         Ok(self.stored_entry(key, meta, value, payload.len()))
+    }
+
+    /// Whether `hash` was purged at or after `since` (Unix ms).
+    async fn purged_since(&self, hash: &KeyHash, since: u64) -> bool {
+        self.purges.get(&hash.0).await.is_some_and(|at| at >= since)
+    }
+
+    /// Notes a purge of `hash`, heard or done here: its copy leaves L1, and a fill of it
+    /// that started before does not share its answer.
+    async fn note_purge(&self, hash: &KeyHash) {
+        self.purges.insert(hash.0, now_ms()).await;
+        self.l1.invalidate(&hash.0).await;
+    }
+
+    /// How long a purge's generation outlives the fills it stops: past the fill timeout.
+    fn generation_ttl(&self) -> Duration {
+        self.cfg
+            .fill_timeout
+            .saturating_mul(2)
+            .max(Duration::from_secs(60))
+    }
+
+    /// Purges `key` fleet-wide: from L1 here, from the tier, and (by a small broadcast)
+    /// from every node's L1; a fill of it already running does not store.
+    pub(crate) async fn purge(&self, key: &Key) -> Result<(), BackendError> {
+        self.note_purge(&key.hash).await;
+        self.tier.remove(&key.hash, self.generation_ttl()).await
+    }
+
+    /// Purges every entry tagged `tag` fleet-wide. Returns how many the tier held.
+    pub(crate) async fn purge_tag(&self, tag: &str) -> Result<u64, BackendError> {
+        // This node's copies, whether or not it hears the broadcast (the local tier has
+        // none).
+        let tagged: Vec<[u8; 32]> = self
+            .l1
+            .iter()
+            .filter(|(_, stored)| stored.meta.tags.iter().any(|t| t == tag))
+            .map(|(hash, _)| *hash)
+            .collect();
+        for hash in tagged {
+            self.note_purge(&KeyHash(hash)).await;
+        }
+        // A fill of a key with this tag, running here, does not share its answer.
+        let tag_hash = tag_hash(tag);
+        self.note_purge(&tag_hash).await;
+        self.tier
+            .purge_tag(tag, &tag_hash, self.generation_ttl())
+            .await
+    }
+
+    /// Whether a fill that started at `since` and produced an entry with `tags` was
+    /// overtaken by a purge of its key or of one of its tags.
+    async fn overtaken(&self, key: &Key, tags: &[String], since: u64) -> bool {
+        if self.purged_since(&key.hash, since).await {
+            return true;
+        }
+        for tag in tags {
+            if self.purged_since(&tag_hash(tag), since).await {
+                return true;
+            }
+        }
+        false
     }
 
     pub(crate) fn is_pass(&self, hash: &KeyHash) -> bool {
@@ -501,6 +600,7 @@ where
                     };
                     let result = match &answer {
                         Led::Value(stored, _) => Ok(stored.clone()),
+                        Led::Purged(..) => Err(FlightEnd::Purged),
                         Led::Own { followers, .. } => Err(followers.clone()),
                         Led::Failed(status) => Err(FlightEnd::Failed(*status, None)),
                         Led::Pass(_) => Err(FlightEnd::Pass),
@@ -512,6 +612,9 @@ where
                 .await;
             match (flight, led) {
                 (Ok(_), Some(Led::Value(stored, outcome))) => return Flown::Value(stored, outcome),
+                (Err(_), Some(Led::Purged(stored, outcome))) => {
+                    return Flown::Value(stored, outcome)
+                }
                 (Err(_), Some(Led::Own { own, outcome, .. })) => return Flown::Own(own, outcome),
                 (Err(_), Some(Led::Failed(status))) => {
                     return Flown::Failed(status, Outcome::FillFailed, None)
@@ -543,7 +646,7 @@ where
                         return Flown::Failed(status, Outcome::FillFailed, shared)
                     }
                     FlightEnd::Refused(outcome) => return Flown::Refused(outcome),
-                    FlightEnd::Vanished => {
+                    FlightEnd::Vanished | FlightEnd::Purged => {
                         vanished += 1;
                         if vanished > self.cfg.max_takeovers || fill.is_none() {
                             return Flown::Failed(502, Outcome::FillFailed, None);
@@ -592,7 +695,7 @@ where
         let token = new_token();
         // Another node may have refreshed already: adopt its newer value.
         let mut skip_value = false;
-        let held = loop {
+        let (held, generation) = loop {
             let opts = CheckOpts {
                 lease: self.cfg.lease,
                 skip_value,
@@ -614,16 +717,18 @@ where
                     }
                     skip_value = true;
                 }
-                Ok(Check::Locked) => {
+                Ok(Check::Locked(generation)) => {
                     self.counters.incr(Event::lock_acquired);
-                    break Held::Lock;
+                    break (Held::Lock, generation);
                 }
                 Ok(Check::Held { .. }) | Ok(Check::Failed(_)) => return false,
                 Err(e) => {
                     self.counters.incr(Event::redis_errors);
                     tracing::debug!(key = %key.short(), error = %e, "tier unavailable for a refresh");
                     match self.cfg.on_redis_error {
-                        FailurePolicy::Open => break Held::Nothing { store: false },
+                        FailurePolicy::Open => {
+                            break (Held::Nothing { store: false }, Generation::Unknown)
+                        }
                         FailurePolicy::Closed => return false,
                     }
                 }
@@ -644,24 +749,35 @@ where
                     Some((stored, bytes)) => {
                         self.l1.insert(key.hash.0, stored.clone()).await;
                         let ttl = stored.meta.time_to_live(now_ms());
-                        self.finish(key, &token, held, lost, Some((&bytes, ttl)))
-                            .await;
+                        self.finish(
+                            key,
+                            &token,
+                            (held, &generation),
+                            lost,
+                            Some((&bytes, ttl, &stored.meta.tags)),
+                        )
+                        .await;
                     }
-                    None => self.finish(key, &token, held, lost, None).await,
+                    None => {
+                        self.finish(key, &token, (held, &generation), lost, None)
+                            .await
+                    }
                 }
                 true
             }
             Filled::Pass { reason, .. } => {
                 // The value became unstorable: drop the copy; the next caller learns why.
                 tracing::debug!(key = %key.short(), reason, "refreshed answer not storable; dropping the copy");
-                self.finish(key, &token, held, lost, None).await;
+                self.finish(key, &token, (held, &generation), lost, None)
+                    .await;
                 self.l1.invalidate(&key.hash.0).await;
                 true
             }
             Filled::Store { error: true, .. } | Filled::Failed { .. } => {
                 // Keep the copy we have; try again after the back-off.
                 self.counters.incr(Event::upstream_failures);
-                self.finish(key, &token, held, lost, None).await;
+                self.finish(key, &token, (held, &generation), lost, None)
+                    .await;
                 false
             }
         }
@@ -799,9 +915,9 @@ where
                     Some(decided) => return decided,
                     None => skip_value = true,
                 },
-                Ok(Check::Locked) => {
+                Ok(Check::Locked(generation)) => {
                     self.counters.incr(Event::lock_acquired);
-                    return Contend::Lead(Held::Lock);
+                    return Contend::Lead(Held::Lock, generation);
                 }
                 Ok(Check::Failed(status)) => return Contend::Failed(status),
                 Ok(Check::Held {
@@ -818,9 +934,22 @@ where
                     if elapsed >= cfg.lock_wait {
                         self.counters.incr(Event::lock_timed_out);
                         return match cfg.on_lock_timeout {
-                            FailurePolicy::Open => Contend::Lead(Held::Nothing { store: true }),
+                            FailurePolicy::Open => {
+                                Contend::Lead(Held::Nothing { store: true }, Generation::Unknown)
+                            }
                             FailurePolicy::Closed => Contend::Refuse(Outcome::LockTimeout),
                         };
+                    }
+                    // Another node's fill is slow and a usable stale copy is at hand: the
+                    // soft timeout answers from it (that fill stores when it lands).
+                    if let Some(soft) = cfg.soft_timeout {
+                        let usable = fallback.as_ref().filter(|f| f.meta.is_usable_at(now_ms()));
+                        if let Some(stale) = usable {
+                            if elapsed >= soft {
+                                self.counters.incr(Event::stale_served);
+                                return Contend::SoftStale(stale.clone());
+                            }
+                        }
                     }
                     let since = match &holder_seen {
                         Some((seen, since)) if *seen == holder => *since,
@@ -839,7 +968,7 @@ where
                             Ok(true) => {
                                 tracing::warn!(key = %key.short(), "took over a lock without a sane expiry");
                                 self.counters.incr(Event::lock_acquired);
-                                return Contend::Lead(Held::Lock);
+                                return Contend::Lead(Held::Lock, Generation::Unknown);
                             }
                             // The lock changed meanwhile: look again.
                             Ok(false) => {
@@ -851,10 +980,14 @@ where
                     }
                     // Never a tight loop, whatever the lock's TTL says.
                     let left = left.unwrap_or(Duration::MAX);
-                    let pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
+                    let mut pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
                         .min(left.saturating_add(Duration::from_millis(1)))
                         .max(cfg.poll_interval / 2)
                         .min(cfg.lock_wait - elapsed);
+                    if let (Some(soft), Some(_)) = (cfg.soft_timeout, fallback.as_ref()) {
+                        let left = soft.saturating_sub(elapsed).max(Duration::from_millis(1));
+                        pause = pause.min(left);
+                    }
                     let woken = tokio::select! {
                         _ = &mut notified => true,
                         _ = tokio::time::sleep(pause) => false,
@@ -884,7 +1017,7 @@ where
         // which releases that lock too (same connection, so after it).
         let store = is_timeout(&e);
         match self.cfg.on_redis_error {
-            FailurePolicy::Open => Contend::Lead(Held::Nothing { store }),
+            FailurePolicy::Open => Contend::Lead(Held::Nothing { store }, Generation::Unknown),
             FailurePolicy::Closed => Contend::Refuse(Outcome::TierUnavailable),
         }
     }
@@ -940,15 +1073,19 @@ where
         &self,
         key: &Key,
         token: &str,
-        held: Held,
+        (held, generation): (Held, &Generation),
         lost: bool,
-        store: Option<(&[u8], Duration)>,
+        store: Option<(&[u8], Duration, &[String])>,
     ) {
         if held == (Held::Nothing { store: false }) {
             return;
         }
         let result = match store {
-            Some((bytes, ttl)) => self.tier.store_release(&key.hash, token, bytes, ttl).await,
+            Some((bytes, ttl, tags)) => {
+                self.tier
+                    .store_release(&key.hash, token, bytes, ttl, generation, tags)
+                    .await
+            }
             None => self.tier.release(&key.hash, token).await,
         };
         match result {
@@ -981,7 +1118,10 @@ where
                     tracing::debug!(key = %key.short(), error = %e, "failure release failed; the lease will expire");
                 }
             }
-            Held::Nothing { store: true } => self.finish(key, token, held, false, None).await,
+            Held::Nothing { store: true } => {
+                self.finish(key, token, (held, &Generation::Unknown), false, None)
+                    .await
+            }
             Held::Nothing { store: false } => {}
         }
     }
@@ -1003,14 +1143,19 @@ fn is_timeout(e: &BackendError) -> bool {
 async fn hand<T, C, F>(
     core: &Core<T, C>,
     key: &Key,
-    reply: oneshot::Sender<Led<T, F>>,
+    reply: &mut Option<oneshot::Sender<Led<T, F>>>,
     led: Led<T, F>,
 ) where
     T: Send + Sync + 'static,
     C: Codec<T>,
     F: Fill<T>,
 {
-    if let Err(Led::Value(stored, _)) = reply.send(led) {
+    // Answered already (a soft timeout served the stale copy): the value lands in L1.
+    let unsent = match reply.take() {
+        Some(reply) => reply.send(led).err(),
+        None => Some(led),
+    };
+    if let Some(Led::Value(stored, _)) = unsent {
         core.l1.insert(key.hash.0, stored).await;
     }
 }
@@ -1028,16 +1173,21 @@ async fn fly<T, C, F>(
     C: Codec<T>,
     F: Fill<T>,
 {
+    let reply = &mut Some(reply);
     let token = new_token();
     let usable =
         |fallback: Option<Arc<Stored<T>>>| fallback.filter(|f| f.meta.is_usable_at(now_ms()));
-    let held = match core.contend(&key, &token, &mut fallback).await {
+    let (held, generation) = match core.contend(&key, &token, &mut fallback).await {
         Contend::Found(stored, outcome) => {
             return hand(&core, &key, reply, Led::Value(stored, outcome)).await
         }
         Contend::Stale(stored) => {
             core.spawn_refresh(key.clone(), fill, stored.clone());
             return hand(&core, &key, reply, Led::Value(stored, Outcome::Stale)).await;
+        }
+        Contend::SoftStale(stored) => {
+            let led = Led::Value(stored, Outcome::StaleSoftTimeout);
+            return hand(&core, &key, reply, led).await;
         }
         Contend::Pass => {
             core.mark_pass(&key.hash).await;
@@ -1052,10 +1202,26 @@ async fn fly<T, C, F>(
             };
             return hand(&core, &key, reply, led).await;
         }
-        Contend::Lead(held) => held,
+        Contend::Lead(held, generation) => (held, generation),
     };
 
-    let (filled, lost, fill_ms) = core.lead(&key, &token, held, fill, fallback.clone()).await;
+    let started = now_ms();
+    let lead = core.lead(&key, &token, held, fill, fallback.clone());
+    tokio::pin!(lead);
+    let soft = core.cfg.soft_timeout.zip(usable(fallback.clone()));
+    let (filled, lost, fill_ms) = match soft {
+        // A slow fill with a usable stale copy: its callers get the copy now, and the fill
+        // goes on, under its lock and the hard timeout, storing when it lands.
+        Some((soft, stale)) => tokio::select! {
+            out = &mut lead => out,
+            _ = tokio::time::sleep(soft) => {
+                core.counters.incr(Event::stale_served);
+                hand(&core, &key, reply, Led::Value(stale, Outcome::StaleSoftTimeout)).await;
+                lead.await
+            }
+        },
+        None => lead.await,
+    };
     match filled {
         Filled::Store {
             value,
@@ -1063,6 +1229,9 @@ async fn fly<T, C, F>(
             tags,
             error,
         } => {
+            // Purged while the fill ran (the key, or one of its tags): its answer is not
+            // shared, and not stored.
+            let purged = core.overtaken(&key, &tags, started).await;
             if error {
                 core.counters.incr(Event::upstream_failures);
                 if let Some(stale) = usable(fallback.clone()) {
@@ -1071,6 +1240,11 @@ async fn fly<T, C, F>(
                 }
             }
             match core.store(&key, value, windows, tags, fill_ms) {
+                Some((stored, _)) if purged => {
+                    hand(&core, &key, reply, Led::Purged(stored, Outcome::Stored)).await;
+                    core.finish(&key, &token, (held, &generation), lost, None)
+                        .await;
+                }
                 Some((stored, bytes)) => {
                     hand(
                         &core,
@@ -1080,11 +1254,18 @@ async fn fly<T, C, F>(
                     )
                     .await;
                     let ttl = stored.meta.time_to_live(now_ms());
-                    core.finish(&key, &token, held, lost, Some((&bytes, ttl)))
-                        .await;
+                    core.finish(
+                        &key,
+                        &token,
+                        (held, &generation),
+                        lost,
+                        Some((&bytes, ttl, &stored.meta.tags)),
+                    )
+                    .await;
                 }
                 None => {
-                    core.finish(&key, &token, held, lost, None).await;
+                    core.finish(&key, &token, (held, &generation), lost, None)
+                        .await;
                     hand(&core, &key, reply, Led::Failed(502)).await;
                 }
             }
@@ -1103,8 +1284,11 @@ async fn fly<T, C, F>(
                 let meta = Meta::pass(now_ms(), core.cfg.hit_for_pass, fill_ms);
                 entry::encode(&key.canonical, &meta, &[])
             });
-            let marker = marker.as_deref().map(|m| (m, core.cfg.hit_for_pass));
-            core.finish(&key, &token, held, lost, marker).await;
+            let marker = marker
+                .as_deref()
+                .map(|m| (m, core.cfg.hit_for_pass, &[][..]));
+            core.finish(&key, &token, (held, &generation), lost, marker)
+                .await;
         }
         Filled::Failed { own, status } => {
             core.counters.incr(Event::upstream_failures);
@@ -1142,6 +1326,26 @@ where
         self.counters.incr(Event::wakeups);
     }
 
+    fn check_purges(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            use std::sync::atomic::Ordering;
+            let Some(epoch) = self.tier.epoch().await.ok() else {
+                return;
+            };
+            let heard = self.epoch_heard.load(Ordering::Acquire);
+            if epoch > heard {
+                // Purges this node did not hear: it cannot tell which, so its copies go.
+                tracing::info!(
+                    epoch,
+                    heard,
+                    "purges missed while unsubscribed; dropping this node's copies"
+                );
+                self.l1.invalidate_all();
+                self.epoch_heard.fetch_max(epoch, Ordering::AcqRel);
+            }
+        })
+    }
+
     /// Another fill of this key finished somewhere: wake this process's waiters, and
     /// replace a stale L1 copy with the value the wake-up carried (or drop it, so the next
     /// caller reads the new value from the tier).
@@ -1156,8 +1360,12 @@ where
                 // An attempt failed: its waiters have their answer, and a stale copy stays
                 // for stale-if-error.
                 Wake::Failed(_) => return,
-                Wake::Invalidated => {
-                    self.l1.invalidate(&hash).await;
+                Wake::Invalidated(epoch) => {
+                    if let Some(epoch) = epoch {
+                        self.epoch_heard
+                            .fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
+                    }
+                    self.note_purge(&KeyHash(hash)).await;
                     return;
                 }
                 Wake::Ended | Wake::Value(_) => {}

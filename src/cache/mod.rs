@@ -365,6 +365,7 @@ where
             grace: opts.grace.unwrap_or(self.defaults.grace),
             stale_if_error: opts.stale_if_error.unwrap_or(self.defaults.stale_if_error),
         };
+        let tags = opts.tags.clone();
         let meta = entry::Meta::value(now_ms(), windows, 0, opts.tags);
         let payload = match C::encode(&value) {
             Ok(payload) => payload,
@@ -382,18 +383,32 @@ where
         // A fresh token holds no lock: the store only replaces an older value.
         self.core
             .tier
-            .store_release(&key.hash, &crate::tier::new_token(), &bytes, ttl)
-            .await
-            .map(drop)
+            .store_release(
+                &key.hash,
+                &crate::tier::new_token(),
+                &bytes,
+                ttl,
+                &crate::tier::Generation::Any,
+                &tags,
+            )
+            .await?;
+        Ok(())
     }
 
     /// Removes `key` from this node's memory and from the shared tier, and tells every
-    /// other node to drop its copy in memory (a small broadcast; a node that is not
-    /// subscribed at that moment keeps its copy until it expires).
+    /// other node to drop its copy in memory (a small broadcast). An init of the key
+    /// already running does not store its (older) value. A node whose subscription was
+    /// down during the purge drops its copies within the purge check bound
+    /// ([`CacheBuilder::purge_check`], 2 s by default).
     pub async fn invalidate(&self, key: impl AsRef<str>) -> Result<(), BackendError> {
-        let key = Key::new(key.as_ref().to_owned());
-        self.core.l1.invalidate(&key.hash.0).await;
-        self.core.tier.remove(&key.hash).await
+        self.core.purge(&Key::new(key.as_ref().to_owned())).await
+    }
+
+    /// Removes every entry tagged `tag` ([`EntryOptions::tag`]), on every node, as
+    /// [`invalidate`](Self::invalidate) does for one key. Returns how many entries the
+    /// shared tier held under the tag.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, BackendError> {
+        self.core.purge_tag(tag).await
     }
 
     /// A snapshot of this node's counters.
@@ -468,6 +483,7 @@ pub(crate) fn default_config() -> Config {
         max_payload: 1024 * 1024,
         l1_capacity: 64 * 1024 * 1024,
         name: "tower-stampede".to_owned(),
+        soft_timeout: None,
     }
 }
 
@@ -478,6 +494,7 @@ pub(crate) fn default_tier() -> TierConfig {
         timeout: Duration::from_millis(250),
         breaker_failures: 3,
         breaker_cooldown: Duration::from_secs(1),
+        purge_check: Duration::from_secs(2),
     }
 }
 
@@ -616,6 +633,23 @@ where
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.tier.breaker_failures = failures;
         self.tier.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Soft timeout: when a usable stale value is at hand (grace, stale-if-error) and the
+    /// init takes longer than this, the callers get the stale value at once and the init
+    /// goes on in the background, under its lock and the fill timeout, storing when it
+    /// lands. Default off.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// How often a node checks whether it missed purges (its subscription was down): at
+    /// most this long after such a purge, it drops its copies. `Duration::ZERO` turns the
+    /// check off. Default 2 s.
+    pub fn purge_check(mut self, every: Duration) -> Self {
+        self.tier.purge_check = every;
         self
     }
 

@@ -17,7 +17,7 @@ use super::stored;
 use crate::cache::flight::{Config, Core};
 use crate::cache::{default_config, default_tier, FailurePolicy, Memory};
 use crate::stats::Stats;
-use crate::tier::{Backend, BackendHealth, Tier, TierConfig};
+use crate::tier::{Backend, BackendError, BackendHealth, Tier, TierConfig};
 
 /// A [`Layer`] that puts a stampede-proof cache in front of an HTTP service.
 ///
@@ -104,6 +104,34 @@ impl StampedeLayer {
     /// endpoint. Bounded by the Redis deadline.
     pub async fn probe_backend(&self) -> BackendHealth {
         self.shared.core.tier.probe().await
+    }
+
+    /// Purges every stored answer of `uri` (all its variants: encodings, varied headers,
+    /// users), on every node: the values leave Redis, every node drops its copies in memory
+    /// (a small broadcast), and a fill of it already running does not store. Keyed as a
+    /// `GET` of `uri` would be (with the layer's key function), the `Host` taken from the
+    /// URI's authority. Returns how many answers Redis held.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = tower_stampede::StampedeLayer::new();
+    /// let uri: http::Uri = "http://shop.example/products/7".parse().unwrap();
+    /// layer.purge(&uri).await.unwrap();
+    /// # }
+    /// ```
+    pub async fn purge(&self, uri: &http::Uri) -> Result<u64, BackendError> {
+        let host = uri
+            .authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+        self.shared.purge(uri, host).await
+    }
+
+    /// Purges every stored answer tagged `tag` (by its `Surrogate-Key` or `Cache-Tag`
+    /// header), on every node, as [`purge`](Self::purge) does. Returns how many answers
+    /// Redis held under the tag.
+    pub async fn purge_tag(&self, tag: &str) -> Result<u64, BackendError> {
+        self.shared.core.purge_tag(tag).await
     }
 }
 
@@ -351,6 +379,32 @@ impl StampedeBuilder {
     /// waiters leads each retry) before answering 502. Default 2.
     pub fn max_takeovers(mut self, n: u32) -> Self {
         self.flight.max_takeovers = n;
+        self
+    }
+
+    /// Soft timeout: when a usable stale copy is at hand (grace, stale-if-error) and the
+    /// upstream takes longer than this, the waiting requests are answered from the copy at
+    /// once (`Cache-Status: ...; hit; detail=stale-soft-timeout`) and the fill goes on in
+    /// the background, under its lock and [`upstream_timeout`](Self::upstream_timeout),
+    /// storing when it lands. Default off.
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.flight.soft_timeout = Some(timeout);
+        self
+    }
+
+    /// Send the `Surrogate-Key` and `Cache-Tag` headers downstream too. They are read as
+    /// the answer's tags ([`StampedeLayer::purge_tag`]) either way. Default off: they are
+    /// removed.
+    pub fn expose_tags(mut self, on: bool) -> Self {
+        self.rules.expose_tags = on;
+        self
+    }
+
+    /// How often a node checks whether it missed purges (its subscription was down): at
+    /// most this long after such a purge it drops its copies in memory. `Duration::ZERO`
+    /// turns the check off. Default 2 s.
+    pub fn purge_check(mut self, every: Duration) -> Self {
+        self.tier.purge_check = every;
         self
     }
 

@@ -43,6 +43,8 @@ pub(crate) struct HttpRules {
     pub(crate) stale_if_error: Duration,
     pub(crate) negative_ttl: Duration,
     pub(crate) error_ttl: Duration,
+    /// Send `Surrogate-Key` / `Cache-Tag` downstream (they are always read as tags).
+    pub(crate) expose_tags: bool,
 }
 
 /// How long an answer is fresh, then servable while one refresh runs, then servable when
@@ -69,6 +71,7 @@ impl Default for HttpRules {
             stale_if_error: Duration::ZERO,
             negative_ttl: Duration::ZERO,
             error_ttl: Duration::from_secs(1),
+            expose_tags: false,
         }
     }
 }
@@ -219,6 +222,34 @@ fn has_body(headers: &HeaderMap) -> bool {
             .get_all(CONTENT_LENGTH)
             .iter()
             .any(|v| v.to_str().map_or(true, |v| v.trim().parse() != Ok(0u64)))
+}
+
+/// The tags an answer gives itself: `Surrogate-Key` (space separated, Fastly style) and
+/// `Cache-Tag` (comma separated, Cloudflare style), bounded in number and length. The
+/// headers are removed unless `expose` (they are for this cache, not for clients).
+pub(crate) fn take_tags(headers: &mut HeaderMap, expose: bool) -> Vec<String> {
+    use crate::cache::entry::{MAX_TAGS, MAX_TAG_LEN};
+    const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+    const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+    let mut tags: Vec<String> = Vec::new();
+    for (name, split) in [(SURROGATE_KEY, ' '), (CACHE_TAG, ',')] {
+        for value in headers.get_all(&name) {
+            let Ok(value) = value.to_str() else { continue };
+            for tag in value.split(split).map(str::trim).filter(|t| !t.is_empty()) {
+                // One tag is kept for the URL itself.
+                if tag.len() <= MAX_TAG_LEN
+                    && tags.len() < MAX_TAGS - 1
+                    && !tags.iter().any(|t| t == tag)
+                {
+                    tags.push(tag.to_owned());
+                }
+            }
+        }
+        if !expose {
+            headers.remove(&name);
+        }
+    }
+    tags
 }
 
 /// Reduces `Accept-Encoding` to the one coding the cache keys on, as Varnish does: `br`,

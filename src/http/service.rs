@@ -17,8 +17,8 @@ use tracing::Instrument;
 use super::body::StampedeBody;
 use super::bounds::{HttpBody, Inner};
 use super::future::ResponseFuture;
-use super::policy::{etag_matches, strip_conditionals};
-use super::shared::Shared;
+use super::policy::{etag_matches, strip_conditionals, take_tags};
+use super::shared::{RequestKey, Shared};
 use super::status::Outcome;
 use super::stored;
 use super::BoxError;
@@ -165,6 +165,7 @@ pub(crate) struct HttpFill<S, ReqB> {
     svc: S,
     req: Request<ReqB>,
     per_user: bool,
+    url_tag: String,
 }
 
 impl<S, ReqB, B> Fill<stored::Response> for HttpFill<S, ReqB>
@@ -186,6 +187,7 @@ where
             mut svc,
             mut req,
             per_user,
+            url_tag,
         } = self;
         // The entry answers GET and HEAD alike: fill it with the whole answer.
         if req.method() == Method::HEAD {
@@ -200,8 +202,10 @@ where
                 }
             }
         };
-        let (head, body) = res.into_parts();
+        let (mut head, body) = res.into_parts();
         let status = head.status.as_u16();
+        let mut tags = take_tags(&mut head.headers, shared.rules.expose_tags);
+        tags.push(url_tag);
         let fresh = match shared
             .rules
             .check_response(head.status, &head.headers, per_user)
@@ -307,7 +311,7 @@ where
                 grace: fresh.grace,
                 stale_if_error: fresh.stale_if_error,
             },
-            tags: Vec::new(),
+            tags,
             error: head.status.is_server_error(),
         }
     }
@@ -324,17 +328,47 @@ where
     B: HttpBody + Send + 'static,
 {
     let (mut parts, body) = req.into_parts();
-    let (key, per_user) = match shared.key_for(&mut parts) {
+    let RequestKey {
+        key,
+        per_user,
+        url_tag,
+    } = match shared.key_for(&mut parts) {
         Ok(key) => key,
         Err(outcome) => {
             shared.core.counters.incr(Event::bypassed);
-            return Box::pin(forward(
+            // An unsafe method's non-error answer invalidates what is stored for its
+            // target (RFC 9111 4.4), fleet-wide.
+            let unsafe_target =
+                (outcome == Outcome::Method && !is_safe(&parts.method)).then(|| {
+                    (
+                        parts.uri.clone(),
+                        parts.headers.get(http::header::HOST).cloned(),
+                    )
+                });
+            let res = Box::pin(forward(
                 &shared,
                 svc,
                 Request::from_parts(parts, body),
                 outcome,
             ))
             .await;
+            let invalidate = match (unsafe_target, &res) {
+                (Some((uri, host)), Ok(res))
+                    if !res.status().is_client_error() && !res.status().is_server_error() =>
+                {
+                    let named = |name| res.headers().get(name).cloned();
+                    let locations = [
+                        named(http::header::LOCATION),
+                        named(http::header::CONTENT_LOCATION),
+                    ];
+                    Some((uri, host, locations))
+                }
+                _ => None,
+            };
+            if let Some((uri, host, locations)) = invalidate {
+                invalidate_after_unsafe(&shared, &uri, host, locations).await;
+            }
+            return res;
         }
     };
     tracing::Span::current().record("key", tracing::field::display(key.short()));
@@ -351,6 +385,7 @@ where
         svc,
         req: Request::from_parts(parts, body),
         per_user,
+        url_tag,
     };
     match shared.core.get(key, fill).await {
         Flown::Value(stored, outcome) => {
@@ -380,6 +415,50 @@ where
         }
         Flown::Refused(outcome) => {
             Ok(shared.error_response(StatusCode::SERVICE_UNAVAILABLE, outcome.into()))
+        }
+    }
+}
+
+fn is_safe(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// After a non-error answer to an unsafe method: purges the target URI and the
+/// same-origin `Location` and `Content-Location` it names, on every node.
+async fn invalidate_after_unsafe(
+    shared: &Shared,
+    uri: &http::Uri,
+    host: Option<HeaderValue>,
+    locations: [Option<HeaderValue>; 2],
+) {
+    let mut targets = vec![uri.clone()];
+    for value in locations.iter().flatten() {
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        let Ok(target) = value.parse::<http::Uri>() else {
+            continue;
+        };
+        // Same origin only: a relative reference, or the request's own authority.
+        let same = match target.authority() {
+            None => true,
+            Some(a) => {
+                uri.authority() == Some(a)
+                    || host
+                        .as_ref()
+                        .is_some_and(|h| h.as_bytes() == a.as_str().as_bytes())
+            }
+        };
+        if same {
+            targets.push(target);
+        }
+    }
+    for target in targets {
+        if let Err(e) = shared.purge(&target, host.clone()).await {
+            tracing::debug!(error = %e, uri = %target, "invalidation after an unsafe method failed");
         }
     }
 }

@@ -27,28 +27,71 @@ impl Shared {
     ///
     /// A `HEAD` is keyed (and filled) as the `GET` it describes, as Varnish does: one entry
     /// answers both.
-    pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<(Key, bool), Outcome> {
+    pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<RequestKey, Outcome> {
         let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
         normalize_accept_encoding(&mut parts.headers);
         if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
             parts.method = http::Method::GET;
             let key = self.key_for_checked(parts, per_user);
             parts.method = http::Method::HEAD;
-            return key.map(|k| (k, per_user));
+            return key;
         }
-        self.key_for_checked(parts, per_user).map(|k| (k, per_user))
+        self.key_for_checked(parts, per_user)
     }
 
-    fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<Key, Outcome> {
-        let base = match &self.key_fn {
-            Some(f) => f(parts).ok_or(Outcome::Bypass("key"))?,
-            None => default_key(parts),
-        };
-        Ok(Key::new(request_key(
-            base,
-            parts,
-            &self.rules.vary,
+    fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<RequestKey, Outcome> {
+        let base = self.base_key(parts).ok_or(Outcome::Bypass("key"))?;
+        let url_tag = url_tag(&base);
+        Ok(RequestKey {
+            key: Key::new(request_key(base, parts, &self.rules.vary, per_user)),
             per_user,
-        )))
+            url_tag,
+        })
     }
+
+    /// Purges every stored answer of `uri` (all its variants), fleet-wide. `host` is the
+    /// `Host` a request for it would carry, for a relative `uri` and the default key.
+    pub(crate) async fn purge(
+        &self,
+        uri: &http::Uri,
+        host: Option<http::HeaderValue>,
+    ) -> Result<u64, crate::tier::BackendError> {
+        let mut req = http::Request::get(uri.clone());
+        if let Some(host) = host {
+            req = req.header(http::header::HOST, host);
+        }
+        let Ok(req) = req.body(()) else { return Ok(0) };
+        let (parts, ()) = req.into_parts();
+        let Some(base) = self.base_key(&parts) else {
+            return Ok(0);
+        };
+        self.core.purge_tag(&url_tag(&base)).await
+    }
+
+    /// The key function's (or the default) key of a request, before varied headers and
+    /// credentials are added.
+    pub(crate) fn base_key(&self, parts: &Parts) -> Option<String> {
+        match &self.key_fn {
+            Some(f) => f(parts),
+            None => Some(default_key(parts)),
+        }
+    }
+}
+
+/// A request's key, with what else the flight needs to know of it.
+pub(crate) struct RequestKey {
+    pub(crate) key: Key,
+    /// Cached per user: the credentials are part of the key.
+    pub(crate) per_user: bool,
+    /// The tag every entry of this URL carries (all its variants), so that a purge of the
+    /// URL reaches them all.
+    pub(crate) url_tag: String,
+}
+
+/// The tag of every entry of one URL: the hash of its base key, short enough for the
+/// envelope's tag bound whatever the URL's length.
+pub(crate) fn url_tag(base: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(base.as_bytes());
+    format!("url:{}", crate::tier::hex(&hash[..16]))
 }

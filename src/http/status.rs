@@ -21,6 +21,8 @@ pub(crate) enum Outcome {
     Stale,
     /// A stale copy, served because the upstream failed (stale-if-error).
     StaleIfError,
+    /// A stale copy, served because the fill took longer than the soft timeout.
+    StaleSoftTimeout,
     /// Went upstream; the answer was not storable.
     Uncacheable,
     /// Went upstream straight away: the key's last answer was not storable.
@@ -43,7 +45,9 @@ impl Outcome {
     pub(crate) fn ended(outcome: Option<Outcome>) -> Ended {
         match outcome {
             Some(Outcome::HitMemory | Outcome::HitRedis) => Ended::Hit,
-            Some(Outcome::Stale | Outcome::StaleIfError) => Ended::Stale,
+            Some(Outcome::Stale | Outcome::StaleIfError | Outcome::StaleSoftTimeout) => {
+                Ended::Stale
+            }
             Some(Outcome::Stored | Outcome::Uncacheable) => Ended::Miss,
             Some(Outcome::Collapsed | Outcome::CollapsedFleet) => Ended::Collapsed,
             Some(Outcome::HitForPass | Outcome::Method | Outcome::Bypass(_)) => Ended::Bypass,
@@ -64,6 +68,7 @@ impl From<crate::cache::flight::Outcome> for Outcome {
             F::CollapsedFleet => Outcome::CollapsedFleet,
             F::Stale => Outcome::Stale,
             F::StaleIfError => Outcome::StaleIfError,
+            F::StaleSoftTimeout => Outcome::StaleSoftTimeout,
             F::Uncacheable => Outcome::Uncacheable,
             F::TierUnavailable => Outcome::RedisUnavailable,
             F::LockTimeout => Outcome::LockTimeout,
@@ -114,6 +119,7 @@ impl Outcome {
             Outcome::CollapsedFleet => "fwd=miss; collapsed; detail=fleet".into(),
             Outcome::Stale => "hit; detail=stale".into(),
             Outcome::StaleIfError => "fwd=miss; detail=stale-if-error".into(),
+            Outcome::StaleSoftTimeout => "hit; detail=stale-soft-timeout".into(),
             Outcome::Uncacheable => "fwd=miss; detail=uncacheable".into(),
             Outcome::HitForPass => "fwd=bypass; detail=hit-for-pass".into(),
             Outcome::Method => "fwd=method".into(),
@@ -135,6 +141,7 @@ impl Outcome {
             Outcome::CollapsedFleet => "collapsed-fleet",
             Outcome::Stale => "stale",
             Outcome::StaleIfError => "stale-if-error",
+            Outcome::StaleSoftTimeout => "stale-soft-timeout",
             Outcome::Uncacheable => "uncacheable",
             Outcome::HitForPass => "hit-for-pass",
             Outcome::Method => "method",

@@ -26,7 +26,7 @@ pub(crate) struct LocalTier {
 impl LocalTier {
     pub(crate) fn check_and_lock(&self, key: &KeyHash, token: &str, lease: Duration) -> Check {
         match self.locks.try_lock(key.0, token, lease) {
-            None => Check::Locked,
+            None => Check::Locked(super::Generation::Any),
             Some((holder, left)) => Check::Held {
                 token: holder,
                 left: Some(left),

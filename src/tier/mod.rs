@@ -179,8 +179,9 @@ pub(crate) fn jittered(base: Duration, jitter: Duration) -> Duration {
 pub(crate) enum Check {
     /// Bytes stored for the key (not yet judged: they may be foreign or expired).
     Value(Bytes),
-    /// The lock is ours now.
-    Locked,
+    /// The lock is ours now, under the key's purge generation (a store under an older
+    /// one is refused: the key was purged while the fill ran).
+    Locked(Generation),
     /// Another holder has the lock: its token, and the time left on its lease (`None`
     /// for a lock with no expiry, which no holder of ours ever leaves).
     Held {
@@ -189,6 +190,28 @@ pub(crate) enum Check {
     },
     /// The attempt this caller waited on failed, with this status (its failure marker).
     Failed(u16),
+}
+
+/// The purge generation a fill started under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Generation {
+    /// As the check-and-lock read it.
+    Known(Bytes),
+    /// Not known (the check failed or timed out): store only where no purge happened.
+    Unknown,
+    /// Any: an explicit insert.
+    Any,
+}
+
+impl Generation {
+    #[cfg(feature = "redis")]
+    pub(crate) fn arg(&self) -> &[u8] {
+        match self {
+            Generation::Known(g) => g,
+            Generation::Unknown => b"",
+            Generation::Any => b"*",
+        }
+    }
 }
 
 /// The options of one check-and-lock.
@@ -228,6 +251,9 @@ pub(crate) struct TierConfig {
     pub(crate) timeout: Duration,
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
+    /// How often a node checks the purge epoch, so that purges it did not hear (its
+    /// subscription was down) still reach its memory within this bound.
+    pub(crate) purge_check: Duration,
 }
 
 impl Tier {
@@ -273,22 +299,28 @@ impl Tier {
         }
     }
 
-    /// Stores `bytes` for `ttl` (unless a newer entry, by `stored_at`, stands), releases
-    /// the lock if `token` holds it, and wakes the key's waiters. Returns whether the lock
-    /// was still held.
+    /// Stores `bytes` for `ttl` (unless a newer entry, by `stored_at`, stands, or the key
+    /// was purged since `generation`), records it under its `tags`, releases the lock if
+    /// `token` holds it, and wakes the key's waiters. Returns whether the lock was still
+    /// held.
     pub(crate) async fn store_release(
         &self,
         key: &KeyHash,
         token: &str,
         bytes: &[u8],
         ttl: Duration,
+        generation: &Generation,
+        tags: &[String],
     ) -> Result<bool, BackendError> {
         #[cfg(not(feature = "redis"))]
-        let _ = (bytes, ttl);
+        let _ = (bytes, ttl, generation, tags);
         match self {
             Tier::Local(t) => Ok(t.release(key, token)),
             #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.store_release(key, token, bytes, ttl).await,
+            Tier::Redis(t) => {
+                t.store_release(key, token, bytes, ttl, generation, tags)
+                    .await
+            }
         }
     }
 
@@ -349,13 +381,43 @@ impl Tier {
         }
     }
 
-    /// Removes the stored value.
-    pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
-        let _ = key;
+    /// Purges the stored value: it leaves the tier, a fill that started before does not
+    /// store, and every node is told to drop its copy. `generation_ttl` bounds how long the
+    /// purge outlives such a fill.
+    pub(crate) async fn remove(
+        &self,
+        key: &KeyHash,
+        generation_ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let _ = (key, generation_ttl);
         match self {
             Tier::Local(_) => Ok(()),
             #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.remove(key).await,
+            Tier::Redis(t) => t.remove(key, generation_ttl).await,
+        }
+    }
+
+    /// Purges every value recorded under `tag`; returns how many the tier held.
+    pub(crate) async fn purge_tag(
+        &self,
+        tag: &str,
+        tag_hash: &KeyHash,
+        generation_ttl: Duration,
+    ) -> Result<u64, BackendError> {
+        let _ = (tag, tag_hash, generation_ttl);
+        match self {
+            Tier::Local(_) => Ok(0),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.purge_tag(tag, tag_hash, generation_ttl).await,
+        }
+    }
+
+    /// The purge epoch: how many purges the tier has seen (local: none).
+    pub(crate) async fn epoch(&self) -> Result<u64, BackendError> {
+        match self {
+            Tier::Local(_) => Ok(0),
+            #[cfg(feature = "redis")]
+            Tier::Redis(t) => t.epoch().await,
         }
     }
 

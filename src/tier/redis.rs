@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use super::conn::{BackendError, Breaker, Raced, RedisConn};
 use super::wake::{self, WakeSink};
-use super::{millis, scripts, Check, CheckOpts, KeyHash, TierConfig, Wakers};
+use super::{millis, scripts, Check, CheckOpts, Generation, KeyHash, TierConfig, Wakers};
 
 pub(crate) struct RedisTier {
     pub(crate) conn: RedisConn,
@@ -24,6 +24,7 @@ pub(crate) struct RedisTier {
     channel: String,
     pub(crate) wakers: Arc<Wakers>,
     subscribed: AtomicBool,
+    purge_check: Duration,
     /// Dropping it (with the tier) stops the subscription.
     stop_subscription: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -55,6 +56,7 @@ impl RedisTier {
             channel: format!("{}:ready", cfg.prefix),
             wakers: Arc::default(),
             subscribed: AtomicBool::new(false),
+            purge_check: cfg.purge_check,
             stop_subscription: Mutex::new(None),
         }
     }
@@ -76,6 +78,18 @@ impl RedisTier {
         format!("{}:{{{}}}:fail", self.prefix, key.hex())
     }
 
+    fn gen_key(&self, key: &KeyHash) -> String {
+        format!("{}:{{{}}}:gen", self.prefix, key.hex())
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+
+    fn tag_key(&self, tag: &str) -> String {
+        format!("{}:tag:{tag}", self.prefix)
+    }
+
     /// Starts the supervised subscription once, from inside the runtime.
     pub(crate) fn ensure_subscribed(&self, sink: Weak<dyn WakeSink>) {
         if self.subscribed.load(Ordering::Relaxed) || self.subscribed.swap(true, Ordering::AcqRel) {
@@ -91,6 +105,7 @@ impl RedisTier {
             self.channel.clone(),
             self.conn.timeout(),
         );
+        self.spawn_purge_watch(sink.clone());
         tokio::spawn(wake::supervise(
             move || {
                 // Nobody left to hear: the cache is gone.
@@ -106,6 +121,25 @@ impl RedisTier {
         ));
     }
 
+    /// Has the cache check the purge epoch every `purge_check`: a node whose subscription
+    /// missed purges learns it within that bound and drops what may be stale.
+    fn spawn_purge_watch(&self, sink: Weak<dyn WakeSink>) {
+        let every = self.purge_check;
+        if every.is_zero() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(sink) = sink.upgrade() else { return };
+                sink.check_purges().await;
+            }
+        });
+    }
+
     /// Check-and-lock, one round trip. If it stalls (Redis holding writes back), a
     /// read-only read on the read connection races it, and a value found is the answer.
     pub(crate) async fn check_and_lock(
@@ -115,6 +149,7 @@ impl RedisTier {
         opts: CheckOpts<'_>,
     ) -> Result<Check, BackendError> {
         let (vk, lk, fk) = (self.value_key(key), self.lock_key(key), self.fail_key(key));
+        let gk = self.gen_key(key);
         let rk = vk.clone();
         let waited_on = opts.waited_on.unwrap_or_default();
         let write = |mut c: redis::aio::ConnectionManager| async move {
@@ -122,6 +157,7 @@ impl RedisTier {
                 .key(vk)
                 .key(lk)
                 .key(fk)
+                .key(gk)
                 .arg(token)
                 .arg(millis(opts.lease))
                 .arg(if opts.skip_value { "1" } else { "0" })
@@ -151,7 +187,10 @@ impl RedisTier {
         let mut reply = reply.into_iter();
         match (int(reply.next().as_ref()), reply.next(), reply.next()) {
             (Some(1), Some(Value::BulkString(b)), _) => Ok(Check::Value(Bytes::from(b))),
-            (Some(2), _, _) => Ok(Check::Locked),
+            (Some(2), generation, _) => Ok(Check::Locked(Generation::Known(match generation {
+                Some(Value::BulkString(g)) => Bytes::from(g),
+                _ => Bytes::from_static(b"0"),
+            }))),
             (Some(3), pttl, holder) => {
                 let left = match int(pttl.as_ref()) {
                     // No expiry: it never lapses on its own.
@@ -205,15 +244,20 @@ impl RedisTier {
         token: &str,
         bytes: &[u8],
         ttl: Duration,
+        generation: &Generation,
+        tags: &[String],
     ) -> Result<bool, BackendError> {
-        let (vk, lk) = (self.value_key(key), self.lock_key(key));
+        let (vk, lk, gk) = (self.value_key(key), self.lock_key(key), self.gen_key(key));
+        let sets: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
         let reply: Vec<i64> = self
             .conn
             .run_always(|mut c| async move {
-                scripts::STORE_RELEASE
-                    .key(vk)
-                    .key(lk)
-                    .arg(token)
+                let mut call = scripts::STORE_RELEASE.key(vk);
+                call.key(lk).key(gk);
+                for set in &sets {
+                    call.key(set);
+                }
+                call.arg(token)
                     .arg(bytes)
                     .arg(millis(ttl))
                     .arg(&self.channel)
@@ -223,6 +267,8 @@ impl RedisTier {
                     } else {
                         "0"
                     })
+                    .arg(generation.arg())
+                    .arg(key.hex())
                     .invoke_async(&mut c)
                     .await
             })
@@ -309,23 +355,66 @@ impl RedisTier {
         Ok(n == 1)
     }
 
-    /// Deletes the value and tells every node to drop its copy in memory.
-    pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
-        let vk = self.value_key(key);
+    /// Purges the value (see [`Tier::remove`](super::Tier::remove)).
+    pub(crate) async fn remove(
+        &self,
+        key: &KeyHash,
+        generation_ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let (vk, gk, ek) = (self.value_key(key), self.gen_key(key), self.epoch_key());
         let mut message = key.hex().into_bytes();
         message.extend_from_slice(wake::INVALIDATED);
-        let () = self
+        let _epoch: i64 = self
             .conn
             .run(|mut c| async move {
                 scripts::REMOVE
                     .key(vk)
+                    .key(gk)
+                    .key(ek)
                     .arg(&self.channel)
                     .arg(message)
+                    .arg(millis(generation_ttl))
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
         Ok(())
+    }
+
+    /// Purges every value recorded under `tag`.
+    pub(crate) async fn purge_tag(
+        &self,
+        tag: &str,
+        tag_hash: &KeyHash,
+        generation_ttl: Duration,
+    ) -> Result<u64, BackendError> {
+        let (tk, ek) = (self.tag_key(tag), self.epoch_key());
+        let tag_hex = tag_hash.hex();
+        let n: i64 = self
+            .conn
+            .run(|mut c| async move {
+                scripts::PURGE_TAG
+                    .key(tk)
+                    .key(ek)
+                    .arg(&self.channel)
+                    .arg(millis(generation_ttl))
+                    .arg(&self.prefix)
+                    .arg(tag_hex)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The purge epoch: how many purges the tier has seen.
+    pub(crate) async fn epoch(&self) -> Result<u64, BackendError> {
+        let ek = self.epoch_key();
+        let epoch: Option<u64> = self
+            .conn
+            .run(|mut c| async move { redis::cmd("GET").arg(ek).query_async(&mut c).await })
+            .await?;
+        Ok(epoch.unwrap_or(0))
     }
 
     /// Reads a value without taking anything (read-only: it works while Redis refuses

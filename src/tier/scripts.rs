@@ -25,11 +25,12 @@ return 0",
     )
 });
 
-/// Check-and-lock. KEYS[1] value, KEYS[2] lock, KEYS[3] failure marker; ARGV[1] token,
+/// Check-and-lock. KEYS[1] value, KEYS[2] lock, KEYS[3] failure marker, KEYS[4] the key's
+/// purge generation; ARGV[1] token,
 /// ARGV[2] lease ms, ARGV[3] "1" to ignore the value (it was unusable), ARGV[4] the largest
 /// value size accepted, in bytes, ARGV[5] the holder token the caller waited on ('' for
 /// none).
-/// Returns {1, value} | {2} lock taken | {3, pttl, holder's token} held by another |
+/// Returns {1, value} | {2, generation} lock taken | {3, pttl, holder's token} held by another |
 /// {4, "!F" status} the attempt waited on failed (its marker names that holder).
 /// A value larger than ARGV[4] (or not a string) is never read: it is treated as absent, so
 /// the lock is taken and the fill overwrites it. A lock that is not a string reads as the
@@ -49,7 +50,9 @@ if ARGV[5] ~= '' then
     end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    return {2}
+    local gen = redis.pcall('GET', KEYS[4])
+    if type(gen) ~= 'string' then gen = '0' end
+    return {2, gen}
 end
 local holder = redis.pcall('GET', KEYS[2])
 if type(holder) ~= 'string' then holder = '' end
@@ -73,9 +76,14 @@ return 0",
     )
 });
 
-/// Store-release-publish. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] bytes,
-/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6] "1" to append the bytes to
-/// the message (waiters then need no read).
+/// Store-release-publish. KEYS[1] value, KEYS[2] lock, KEYS[3] the key's purge generation;
+/// ARGV[1] token, ARGV[2] bytes, ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6]
+/// "1" to append the bytes to the message (waiters then need no read), ARGV[7] the
+/// generation the fill started under ('' unknown: only where none stands; '*' any),
+/// ARGV[8] the key hash in hex; KEYS[4..] the sets of the entry's tags, to which a stored
+/// entry is added (each set kept as long as its longest-lived entry).
+/// A fill that started before a purge of its key (the generation moved) does not store:
+/// its older answer must not resurrect the purged value.
 /// A holder writes unless a newer envelope stands; a leader without the lock (its lease
 /// lapsed, or Redis did not answer its check) only where nothing or an older envelope
 /// stands. Newer is by `stored_at`, read from the standing envelope's header (layout at the
@@ -112,9 +120,20 @@ local function standing()
 end
 local s = standing()
 local stored = 0
-if (held and s ~= 'newer') or s == 'none' or s == 'older' then
+local gen = redis.pcall('GET', KEYS[3])
+if type(gen) ~= 'string' then gen = false end
+local current = ARGV[7] == '*' or (ARGV[7] == '' and not gen) or ARGV[7] == (gen or '0')
+if current and ((held and s ~= 'newer') or s == 'none' or s == 'older') then
     local ok = redis.pcall('SET', KEYS[1], value, 'PX', ARGV[3])
     if type(ok) == 'table' and ok.err then stored = -1 else stored = 1 end
+end
+if stored == 1 then
+    for i = 4, #KEYS do
+        redis.pcall('SADD', KEYS[i], ARGV[8])
+        if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
+            redis.call('PEXPIRE', KEYS[i], ARGV[3])
+        end
+    end
 end
 if held then redis.call('DEL', KEYS[2]) end
 if stored ~= 0 and ARGV[6] == '1' then
@@ -166,11 +185,39 @@ pub(crate) const READ_VALUE: &str = r"local n = redis.call('STRLEN', KEYS[1])
 if n == 0 or n > tonumber(ARGV[1]) then return false end
 return redis.call('GET', KEYS[1])";
 
-/// Remove-publish: deletes a value and tells every node to drop its copy. KEYS[1] value;
-/// ARGV[1] channel, ARGV[2] message.
+/// Purge-publish: deletes a value, moves the key's purge generation (a fill that started
+/// before it will not store), moves the node-wide purge epoch and tells every node to drop
+/// its copy. KEYS[1] value, KEYS[2] generation, KEYS[3] epoch; ARGV[1] channel, ARGV[2]
+/// message (the epoch is appended), ARGV[3] generation ttl ms.
 pub(crate) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[1], ARGV[2])",
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local epoch = redis.call('INCR', KEYS[3])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. epoch)
+return epoch",
+    )
+});
+
+/// Tag purge: every value key recorded under a tag is purged as by [`REMOVE`], and the tag
+/// set goes; the tag's own hash (ARGV[4]) is announced too, so that a fill of a tagged key
+/// running anywhere does not share its answer. KEYS[1] tag set, KEYS[2] epoch; ARGV[1]
+/// channel, ARGV[2] generation ttl ms, ARGV[3] key prefix, ARGV[4] the tag's hash in hex.
+/// Members are key hashes in hex. Returns the number of keys purged.
+pub(crate) static PURGE_TAG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local members = redis.call('SMEMBERS', KEYS[1])
+local epoch = redis.call('INCR', KEYS[2])
+for _, hex in ipairs(members) do
+    local base = ARGV[3] .. ':{' .. hex .. '}:'
+    redis.call('DEL', base .. 'v')
+    redis.call('INCR', base .. 'gen')
+    redis.call('PEXPIRE', base .. 'gen', ARGV[2])
+    redis.call('PUBLISH', ARGV[1], hex .. '!X' .. epoch)
+end
+redis.call('PUBLISH', ARGV[1], ARGV[4] .. '!X' .. epoch)
+redis.call('DEL', KEYS[1])
+return #members",
     )
 });

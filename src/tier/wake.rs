@@ -71,8 +71,8 @@ pub(crate) enum Wake {
     Value(Bytes),
     /// The attempt failed with this status.
     Failed(u16),
-    /// The key was invalidated.
-    Invalidated,
+    /// The key was purged, as the purge epoch's `n`th purge (when the message says).
+    Invalidated(Option<u64>),
 }
 
 impl Wake {
@@ -80,8 +80,9 @@ impl Wake {
         if tail.is_empty() || tail.len() > INLINE_MAX {
             return Wake::Ended;
         }
-        if tail == INVALIDATED {
-            return Wake::Invalidated;
+        if let Some(epoch) = tail.strip_prefix(INVALIDATED) {
+            let epoch = std::str::from_utf8(epoch).ok().and_then(|e| e.parse().ok());
+            return Wake::Invalidated(epoch);
         }
         match failure_status(tail) {
             Some(status) => Wake::Failed(status),
@@ -95,6 +96,9 @@ impl Wake {
 pub(crate) trait WakeSink: Send + Sync {
     /// A wake-up message arrived (counted).
     fn heard(&self);
+    /// Compares the tier's purge epoch with the highest one heard in a wake-up: past it,
+    /// purges were missed (the subscription was down), and what may be stale is dropped.
+    fn check_purges(&self) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
     /// `hash` woke with `wake`; the waiters of this process are woken already.
     fn on_wake(
         &self,
@@ -305,7 +309,8 @@ mod tests {
         assert_eq!(with(&vec![0u8; INLINE_MAX + 1]), Wake::Ended);
         assert_eq!(with(b"!F504"), Wake::Failed(504));
         assert_eq!(with(b"!F200"), Wake::Ended, "no wake-up makes a success");
-        assert_eq!(with(b"!X"), Wake::Invalidated);
+        assert_eq!(with(b"!X"), Wake::Invalidated(None));
+        assert_eq!(with(b"!X42"), Wake::Invalidated(Some(42)));
         assert_eq!(parse_message(b"not hex"), None);
         assert_eq!(parse_message(&[b'z'; 64]), None);
     }
