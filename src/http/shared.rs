@@ -20,6 +20,8 @@ pub(crate) struct Shared {
     pub(crate) status_values: StatusValues,
     pub(crate) rules: HttpRules,
     pub(crate) key_fn: Option<KeyFn>,
+    /// The variants this node stored per URL (primary key hash), for `max_variants`.
+    pub(crate) variants: moka::future::Cache<[u8; 32], Arc<std::sync::Mutex<Vec<[u8; 32]>>>>,
 }
 
 impl Shared {
@@ -29,7 +31,9 @@ impl Shared {
     /// answers both.
     pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<(Key, bool), Outcome> {
         let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
-        normalize_accept_encoding(&mut parts.headers);
+        if self.rules.key_accept_encoding {
+            normalize_accept_encoding(&mut parts.headers);
+        }
         if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
             parts.method = http::Method::GET;
             let key = self.key_for_checked(parts, per_user);
@@ -49,6 +53,7 @@ impl Shared {
             parts,
             &self.rules.vary,
             per_user,
+            self.rules.key_accept_encoding,
         )))
     }
 }
