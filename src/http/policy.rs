@@ -366,9 +366,15 @@ impl HttpRules {
             _ if error && !self.error_ttl.is_zero() => Some(self.error_ttl),
             _ => None,
         };
+        // The configured TTLs count from the moment of storing; the answer's own
+        // lifetimes from its age (4.2.3).
+        let mut configured = false;
         let lifetime_ms = match (explicit, short) {
             (Some(e), _) => e,
-            (None, Some(short)) => ms(short),
+            (None, Some(short)) => {
+                configured = true;
+                ms(short)
+            }
             // Errors and other statuses need explicit freshness (RFC 9110 15.1).
             (None, None) if error || !rfc::heuristically_cacheable(code) => return Err("status"),
             (None, None) => match self
@@ -376,7 +382,10 @@ impl HttpRules {
                 .and_then(|cap| rfc::heuristic_lifetime_ms(headers, timing, ms(cap)))
             {
                 Some(h) => h,
-                None => ms(self.ttl),
+                None => {
+                    configured = true;
+                    ms(self.ttl)
+                }
             },
         };
         let validator = rfc::has_validator(headers);
@@ -386,7 +395,11 @@ impl HttpRules {
         }
         let age_ms = rfc::initial_age_ms(headers, timing);
         let lifetime_ms = if d.no_cache { 0 } else { lifetime_ms };
-        let ttl = Duration::from_millis(lifetime_ms.saturating_sub(age_ms));
+        let ttl = if configured {
+            Duration::from_millis(lifetime_ms)
+        } else {
+            Duration::from_millis(lifetime_ms.saturating_sub(age_ms))
+        };
         let (grace, stale_if_error) = if d.strict() || (explicit.is_none() && short.is_some()) {
             (Duration::ZERO, Duration::ZERO)
         } else {
