@@ -384,7 +384,12 @@ where
             request_ms,
             response_ms: now_ms(),
         };
-        let (head, body) = res.into_parts();
+        let (mut head, body) = res.into_parts();
+        if shared.rules.standards() && head.headers.contains_key(AGE) {
+            // What goes on carries this cache's view of the age (RFC 9111 4.2.3, 5.1).
+            let age = rfc::initial_age_ms(&head.headers, timing) / 1000;
+            head.headers.insert(AGE, HeaderValue::from(age));
+        }
         if head.status == StatusCode::NOT_MODIFIED {
             if let Some(stale) = revalidating {
                 // A 304 naming a strong validator other than the stored one updates
@@ -743,7 +748,7 @@ impl Shared {
         let meta = &stored.meta;
         let mut outcome = outcome;
         if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
-            if meta.stored_at >= ask.arrival {
+            if meta.stored_at > ask.arrival {
                 // Fetched or validated after this request arrived (an answer stale on
                 // arrival, or `no-cache`): it is this request's answer.
                 outcome = Outcome::Collapsed;
