@@ -102,11 +102,14 @@ async fn stored_in_redis(redis: &RedisServer, n: usize) {
 // 1. Freshness [4.2.1, 4.2.2]
 // ---------------------------------------------------------------------------------------
 
+/// A path, the headers its answer carries, and whether the answer is then stored fresh.
+type Case = (&'static str, Vec<(&'static str, String)>, bool);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freshness_comes_from_s_maxage_max_age_expires_or_the_heuristic() {
     let redis = RedisServer::start();
     let origin = Origin::start().await;
-    let cases: &[(&str, Vec<(&str, String)>, bool)] = &[
+    let cases: &[Case] = &[
         (
             "/max-age",
             vec![("cache-control", "max-age=100".into())],

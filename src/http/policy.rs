@@ -800,6 +800,13 @@ mod tests {
             ),
             Err("status")
         );
+        // 1xx are never stored, whatever they say.
+        for informational in [StatusCode::CONTINUE, StatusCode::from_u16(103).unwrap()] {
+            assert_eq!(
+                check(informational, &[("cache-control", "max-age=5")]),
+                Err("status")
+            );
+        }
         // Targeted fields outrank Cache-Control and Expires.
         assert_eq!(
             ttl(check(

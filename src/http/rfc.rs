@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(d.max_age, Some(Delta::Secs(50)));
         assert!(d.targeted);
         let h = headers(&[("cache-control", "max-age=5"), ("cdn-cache-control", " ")]);
-        let d = Directives::of(&h, &[CDN_CACHE_CONTROL.clone()]);
+        let d = Directives::of(&h, std::slice::from_ref(&CDN_CACHE_CONTROL));
         assert_eq!(d.max_age, Some(Delta::Secs(5)));
     }
 

@@ -257,6 +257,9 @@ fn full_response<B>(value: &stored::Response) -> Response<StampedeBody<B>> {
     res
 }
 
+/// What only the request that ran a fill gets: its own answer or the inner error.
+type Own<S, ReqB, B> = Result<Response<StampedeBody<B>>, <S as Service<Request<ReqB>>>::Error>;
+
 impl<S, ReqB> HttpFill<S, ReqB> {
     /// Stores a judged answer: under this key, or, when it varies on headers the key does
     /// not hold and this is the primary key, a vary index here and the answer (stashed)
@@ -265,10 +268,7 @@ impl<S, ReqB> HttpFill<S, ReqB> {
         &self,
         value: stored::Response,
         fresh: Freshness,
-    ) -> Filled<
-        stored::Response,
-        Result<Response<StampedeBody<B>>, <S as Service<Request<ReqB>>>::Error>,
-    >
+    ) -> Filled<stored::Response, Own<S, ReqB, B>>
     where
         S: Service<Request<ReqB>>,
     {

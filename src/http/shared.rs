@@ -14,6 +14,9 @@ use crate::cache::flight::{Core, Key};
 /// The flight core of the HTTP layer: stored answers, in their codec.
 pub(crate) type HttpCore = Core<stored::Response, HttpCodec>;
 
+/// The variant keys stored per URL on this node: primary key hash to variant key hashes.
+pub(crate) type Variants = moka::future::Cache<[u8; 32], Arc<std::sync::Mutex<Vec<[u8; 32]>>>>;
+
 /// State shared by every clone of one layer and the services it built: one "node".
 pub(crate) struct Shared {
     pub(crate) core: Arc<HttpCore>,
@@ -21,7 +24,7 @@ pub(crate) struct Shared {
     pub(crate) rules: HttpRules,
     pub(crate) key_fn: Option<KeyFn>,
     /// The variants this node stored per URL (primary key hash), for `max_variants`.
-    pub(crate) variants: moka::future::Cache<[u8; 32], Arc<std::sync::Mutex<Vec<[u8; 32]>>>>,
+    pub(crate) variants: Variants,
 }
 
 impl Shared {
