@@ -136,9 +136,54 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 
-    /// How long a stored answer is fresh (`500ms`, `5s`, `1m`, ...).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// How long an answer without explicit freshness (no `s-maxage`, `max-age` or
+    /// `Expires`) is fresh (`500ms`, `5s`, `1m`, ...). The default, 0, leaves such answers
+    /// unstored, as nginx does. Answers with explicit freshness follow it (RFC 9111).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     ttl: Duration,
+
+    /// One TTL for every storable answer, whatever its headers say (the fixed TTL of
+    /// earlier versions).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl_override: Option<Duration>,
+
+    /// Heuristic freshness for answers with `Last-Modified` and no explicit freshness: a
+    /// tenth of their age, at most `--heuristic-max` (RFC 9111 4.2.2).
+    #[arg(long)]
+    heuristic: bool,
+
+    /// The cap of `--heuristic`.
+    #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+    heuristic_max: Duration,
+
+    /// How long past freshness an answer with `ETag` or `Last-Modified` is kept, to be
+    /// revalidated with a conditional request instead of fetched again.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    revalidate_window: Duration,
+
+    /// Store 5xx and 429 answers without explicit freshness for this long (0: shared with
+    /// the requests waiting on them, never stored).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    error_ttl: Duration,
+
+    /// The most variants stored per URL for answers that `Vary` on request headers.
+    #[arg(long, default_value_t = 16)]
+    max_variants: usize,
+
+    /// Send clients' `Cache-Control: no-cache`, `max-age=0` and `Pragma: no-cache` requests
+    /// upstream (by default they are answered from the cache, which protects the upstream).
+    #[arg(long)]
+    honor_client_no_cache: bool,
+
+    /// The name of this cache's own targeted cache-control field (RFC 9213), read before
+    /// `CDN-Cache-Control` and `Cache-Control`, never forwarded downstream.
+    #[arg(long, default_value = "tower-stampede-cache-control")]
+    targeted_cache_control: HeaderName,
+
+    /// Do not normalize and key `Accept-Encoding`; answers varying on it are then stored
+    /// per variant.
+    #[arg(long)]
+    no_key_accept_encoding: bool,
 
     /// Stale-while-revalidate: for this long after the TTL, a stale answer is served at once
     /// while exactly one refresh runs across the fleet; it is also served if that refresh
@@ -256,7 +301,21 @@ async fn run(args: Args) -> Result<(), BoxError> {
         .backend(backend)
         .prefix(args.prefix.clone())
         .l1_capacity(args.cache_size)
+        // A standards cache (RFC 9111, shared): freshness from the answer's headers.
+        .honor_cache_control(true)
         .ttl(args.ttl)
+        .ttl_override(args.ttl_override)
+        .heuristic_freshness(if args.heuristic {
+            args.heuristic_max
+        } else {
+            Duration::ZERO
+        })
+        .revalidate_window(args.revalidate_window)
+        .error_ttl(args.error_ttl)
+        .max_variants(args.max_variants)
+        .honor_request_no_cache(args.honor_client_no_cache)
+        .targeted_cache_control(args.targeted_cache_control.clone())
+        .key_accept_encoding(!args.no_key_accept_encoding)
         .grace(args.grace)
         .stale_if_error(args.grace)
         .lease(args.lease)
@@ -321,6 +380,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     tracing::info!(
         upstream = %args.upstream,
         ttl = ?args.ttl,
+        ttl_override = ?args.ttl_override,
         grace = ?args.grace,
         lease = ?args.lease,
         max_body = args.max_body,

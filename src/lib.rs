@@ -62,6 +62,7 @@ pub mod __bench {
                     status: ::http::StatusCode::OK,
                     headers,
                     body: Bytes::from(vec![b'x'; body_len]),
+                    ext: Default::default(),
                 },
             }
         }
@@ -83,8 +84,13 @@ pub mod __bench {
 
     /// The default key of a request, hashed as the layer does.
     pub fn key_hash(parts: &::http::request::Parts) -> [u8; 32] {
-        let canonical =
-            crate::http::key::request_key(crate::http::key::default_key(parts), parts, &[], false);
+        let canonical = crate::http::key::request_key(
+            crate::http::key::default_key(parts),
+            parts,
+            &[],
+            false,
+            true,
+        );
         crate::cache::flight::Key::new(canonical).hash.0
     }
 }

@@ -294,7 +294,11 @@ fn value(page: &str, series: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_described_histograms_have_buckets_and_gauges_follow_l1() {
-    let proxy = Proxy::start(&upstream().await, &["--metrics-listen", "127.0.0.1:0"]);
+    // The upstream sends no freshness: `--ttl` gives it one (the default, 0, stores nothing).
+    let proxy = Proxy::start(
+        &upstream().await,
+        &["--metrics-listen", "127.0.0.1:0", "--ttl", "60s"],
+    );
     let ops = metrics_addr(&proxy);
 
     // Before any request: every series is there already, at zero.

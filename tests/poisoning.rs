@@ -383,7 +383,15 @@ const VECTORS: &[Vector] = &[
 async fn unkeyed_inputs_never_reach_other_clients_on_any_node() {
     let redis = RedisServer::start();
     let upstream = Reflector::start().await;
-    let args = ["--redis", &redis.url(), "--redis-timeout", "2s"];
+    // The upstream sends no freshness: `--ttl` gives it one (the default, 0, stores nothing).
+    let args = [
+        "--redis",
+        &redis.url(),
+        "--redis-timeout",
+        "2s",
+        "--ttl",
+        "60s",
+    ];
     let a = Proxy::start(&upstream.base(), &args);
     let b = Proxy::start(&upstream.base(), &args);
     let client = client();
@@ -479,6 +487,8 @@ async fn key_host_keys_per_host_and_sends_x_forwarded_host() {
         "--redis-timeout",
         "2s",
         "--key-host",
+        "--ttl",
+        "60s",
     ];
     let a = Proxy::start(&upstream.base(), &args);
     let b = Proxy::start(&upstream.base(), &args);
@@ -553,6 +563,8 @@ async fn forward_header_forwards_and_keys_the_header() {
     let proxy = Proxy::start(
         &upstream.base(),
         &[
+            "--ttl",
+            "60s",
             "--forward-header",
             "X-Tenant,X-Forwarded-Prefix",
             "--forward-header",
@@ -614,7 +626,8 @@ async fn an_http2_get_with_a_body_and_no_content_length_is_not_cached() {
     use http_body_util::StreamBody;
 
     let upstream = Reflector::start().await;
-    let proxy = Proxy::start(&upstream.base(), &[]);
+    // The upstream sends no freshness: `--ttl` gives it one (the default, 0, stores nothing).
+    let proxy = Proxy::start(&upstream.base(), &["--ttl", "60s"]);
     let h2: Client<HttpConnector, BoxBody<Bytes, Infallible>> =
         Client::builder(TokioExecutor::new())
             .http2_only(true)

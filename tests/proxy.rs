@@ -216,7 +216,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn cache_status_and_upstream_counts() {
     let redis = RedisServer::start();
     let upstream = Upstream::start(Duration::ZERO).await;
-    let proxy = Proxy::start(&upstream.base(), &["--redis", &redis.url()]);
+    // The upstream sends no freshness: `--ttl` gives it one (the default, 0, stores nothing).
+    let proxy = Proxy::start(&upstream.base(), &["--redis", &redis.url(), "--ttl", "60s"]);
     let client = client();
 
     let first = get(&client, &proxy.url("/a?x=1")).await;
@@ -264,7 +265,14 @@ async fn three_proxies_one_redis_one_upstream_call_per_cold_key() {
         .map(|_| {
             Proxy::start(
                 &upstream.base(),
-                &["--redis", &redis.url(), "--redis-timeout", "2s"],
+                &[
+                    "--redis",
+                    &redis.url(),
+                    "--redis-timeout",
+                    "2s",
+                    "--ttl",
+                    "60s",
+                ],
             )
         })
         .collect();
@@ -480,7 +488,7 @@ async fn a_body_over_max_body_streams_intact_and_is_not_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_the_proxy_still_caches_and_stops_on_sigterm() {
     let upstream = Upstream::start(Duration::ZERO).await;
-    let mut proxy = Proxy::start(&upstream.base(), &[]);
+    let mut proxy = Proxy::start(&upstream.base(), &["--ttl", "60s"]);
     assert!(
         proxy.output().contains("cross-node coalescing needs Redis"),
         "{}",
@@ -507,7 +515,10 @@ async fn without_redis_the_proxy_still_caches_and_stops_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_counts_hits() {
     let upstream = Upstream::start(Duration::ZERO).await;
-    let proxy = Proxy::start(&upstream.base(), &["--metrics-listen", "127.0.0.1:0"]);
+    let proxy = Proxy::start(
+        &upstream.base(),
+        &["--metrics-listen", "127.0.0.1:0", "--ttl", "60s"],
+    );
     let metrics = proxy
         .metrics
         .expect("the proxy logs `metrics on http://ADDR/metrics`");

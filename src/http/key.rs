@@ -63,9 +63,14 @@ pub(crate) fn request_key(
     parts: &Parts,
     vary: &[HeaderName],
     per_user: bool,
+    accept_encoding: bool,
 ) -> String {
     // Normalized before this (`br`, `gzip` or none): the encoding of the stored body.
-    if let Some(coding) = parts.headers.get(http::header::ACCEPT_ENCODING) {
+    if let Some(coding) = parts
+        .headers
+        .get(http::header::ACCEPT_ENCODING)
+        .filter(|_| accept_encoding)
+    {
         canonical.push_str("\naccept-encoding:");
         canonical.push_str(coding.to_str().unwrap_or(""));
     }
@@ -117,7 +122,7 @@ mod tests {
         );
         let vary = [HeaderName::from_static("accept-language")];
         let key = |p: &Parts, vary: &[HeaderName], per_user| {
-            request_key(default_key(p), p, vary, per_user)
+            request_key(default_key(p), p, vary, per_user, true)
         };
         assert_ne!(key(&a, &vary, false), key(&b, &vary, false));
         assert_eq!(key(&a, &[], false), key(&b, &[], false));

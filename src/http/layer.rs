@@ -206,16 +206,98 @@ impl StampedeBuilder {
         self
     }
 
-    /// How long a stored answer is fresh. Default 60 s.
+    /// How long a stored answer is fresh. With
+    /// [`honor_cache_control`](Self::honor_cache_control), only for answers without
+    /// explicit freshness (no `s-maxage`, `max-age` or `Expires`); `Duration::ZERO` then
+    /// leaves them unstored. Default 60 s.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.rules.ttl = ttl;
         self
     }
 
-    /// Take the time to live from `s-maxage`, else `max-age`, falling back to
-    /// [`ttl`](Self::ttl). Default off.
+    /// The standards mode: this layer caches as RFC 9111 says a shared cache does.
+    /// Default off (every storable answer is fresh for [`ttl`](Self::ttl)).
+    ///
+    /// * Freshness from `s-maxage`, else `max-age`, else `Expires - Date`; for answers
+    ///   without, [`ttl`](Self::ttl) (or the [heuristic](Self::heuristic_freshness)).
+    /// * A targeted field (RFC 9213: [this cache's own](Self::targeted_cache_control),
+    ///   then `CDN-Cache-Control`) outranks `Cache-Control`, and is not sent downstream.
+    /// * The emitted `Age` counts the upstream's `Age`, the response delay and the time
+    ///   the answer has been stored, on whichever node serves it.
+    /// * Stale answers with a validator are kept for
+    ///   [`revalidate_window`](Self::revalidate_window) and refreshed with a conditional
+    ///   request (once across the fleet); a `304` updates the stored headers and keeps the
+    ///   body. `no-cache` answers are revalidated before every reuse; `must-revalidate`,
+    ///   `proxy-revalidate` and `s-maxage` answers are never served stale.
+    /// * `stale-while-revalidate=N` and `stale-if-error=N` override [`grace`](Self::grace)
+    ///   and [`stale_if_error`](Self::stale_if_error).
+    /// * Errors (5xx, 429) are stored only with explicit freshness or
+    ///   [`error_ttl`](Self::error_ttl); other statuses when heuristically cacheable
+    ///   (RFC 9110 15.1) or with explicit freshness.
+    /// * Answers varying on request headers the key does not hold are stored per variant
+    ///   (see [`max_variants`](Self::max_variants)); `Vary: *` never.
+    /// * A client's `Cache-Control: no-store` bypasses the cache; one byte range is
+    ///   answered `206` from the stored answer.
     pub fn honor_cache_control(mut self, on: bool) -> Self {
         self.rules.honor_cache_control = on;
+        self
+    }
+
+    /// One time to live for every storable answer, whatever its headers say: the fixed
+    /// behaviour, even with [`honor_cache_control`](Self::honor_cache_control).
+    /// `None` (default): no override.
+    pub fn ttl_override(mut self, ttl: Option<Duration>) -> Self {
+        self.rules.ttl_override = ttl.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// Standards mode: answers without explicit freshness but with `Last-Modified` are
+    /// fresh for a tenth of the time since they were modified (RFC 9111 4.2.2), at most
+    /// `cap`. `Duration::ZERO` (default) turns it off.
+    pub fn heuristic_freshness(mut self, cap: Duration) -> Self {
+        self.rules.heuristic = (!cap.is_zero()).then_some(cap);
+        self
+    }
+
+    /// Standards mode: how long past freshness an answer with a validator (`ETag`,
+    /// `Last-Modified`) is kept, to be revalidated rather than fetched again. It is not
+    /// served stale for that: only within its grace or stale-if-error windows.
+    /// Default 10 minutes.
+    pub fn revalidate_window(mut self, window: Duration) -> Self {
+        self.rules.revalidate_window = window;
+        self
+    }
+
+    /// Standards mode: the name of this cache's own targeted cache-control field
+    /// (RFC 9213), read before `CDN-Cache-Control` and `Cache-Control`.
+    /// Default `Tower-Stampede-Cache-Control`.
+    pub fn targeted_cache_control(mut self, name: HeaderName) -> Self {
+        self.rules.targeted[0] = name;
+        self
+    }
+
+    /// Standards mode: let a client's `Cache-Control: no-cache`, `max-age=0` or `Pragma:
+    /// no-cache` send its request upstream (unstored). Default off: a shared cache
+    /// protects its origin, and any client could otherwise empty it of its purpose.
+    pub fn honor_request_no_cache(mut self, on: bool) -> Self {
+        self.rules.honor_request_no_cache = on;
+        self
+    }
+
+    /// Standards mode: the most variants this node stores per URL for answers that vary
+    /// on request headers the key does not hold (a vary index at the URL's key names the
+    /// headers; each variant is keyed on their normalized values). Past it, requests for
+    /// new variants go upstream unstored. `0` leaves such answers unstored. Default 16.
+    pub fn max_variants(mut self, n: usize) -> Self {
+        self.rules.max_variants = n;
+        self
+    }
+
+    /// Normalize `Accept-Encoding` to `br`, `gzip` or none and key on it (default on).
+    /// Off, the header goes upstream as sent and is not keyed: answers that vary on it are
+    /// then stored per variant (standards mode) or not at all.
+    pub fn key_accept_encoding(mut self, on: bool) -> Self {
+        self.rules.key_accept_encoding = on;
         self
     }
 
@@ -437,6 +519,10 @@ impl StampedeBuilder {
                 status_values: StatusValues::new(&self.cache_name),
                 rules: self.rules,
                 key_fn: self.key_fn,
+                variants: moka::future::Cache::builder()
+                    .max_capacity(65_536)
+                    .time_to_idle(Duration::from_secs(600))
+                    .build(),
             }),
         }
     }

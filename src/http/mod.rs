@@ -13,6 +13,7 @@ pub(crate) mod future;
 pub(crate) mod key;
 pub(crate) mod layer;
 pub(crate) mod policy;
+pub(crate) mod rfc;
 pub(crate) mod service;
 pub(crate) mod shared;
 pub(crate) mod status;

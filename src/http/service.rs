@@ -3,11 +3,15 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, AGE};
+use http::header::{
+    HeaderName, HeaderValue, AGE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -17,13 +21,17 @@ use tracing::Instrument;
 use super::body::StampedeBody;
 use super::bounds::{HttpBody, Inner};
 use super::future::ResponseFuture;
-use super::policy::{etag_matches, strip_conditionals, take_tags};
+use super::policy::{
+    etag_matches, etag_matches_strong, strip_conditionals, take_tags, ByteRange, Conditionals,
+    Freshness,
+};
+use super::rfc::{self, Timing};
 use super::shared::{RequestKey, Shared};
 use super::status::Outcome;
 use super::stored;
 use super::BoxError;
 use crate::cache::entry::{now_ms, Windows};
-use crate::cache::flight::{Fill, Filled, Flown, Stored};
+use crate::cache::flight::{Fill, Filled, Flown, Key, Stored};
 use crate::stats::{Event, Stats};
 use crate::tier::wake::is_shared_error;
 
@@ -149,23 +157,179 @@ where
         .await
 }
 
-/// What the client asked beyond the key: a body or not, and its validator.
-#[derive(Clone, Copy)]
-pub(crate) struct Ask<'a> {
+/// What the client asked beyond the key: a body or not, its preconditions and range.
+#[derive(Clone)]
+pub(crate) struct Ask {
     head: bool,
-    if_none_match: Option<&'a HeaderValue>,
+    cond: Conditionals,
     /// When the request arrived, in Unix milliseconds.
+    arrival: u64,
+    /// When the answer is given, in Unix milliseconds.
     now: u64,
 }
 
-/// The fill of one HTTP key: the inner call, its answer judged by the HTTP rules and, when
-/// storable, buffered up to the body limit.
+/// What the fills of one request share with its path: the inner call not made yet, and
+/// an answer a fill of the primary key found varying, to be stored under its variant.
+pub(crate) struct Job<S, ReqB> {
+    call: Mutex<Option<(S, Request<ReqB>)>>,
+    stash: Mutex<Option<(stored::Response, Freshness)>>,
+}
+
+impl<S, ReqB> Job<S, ReqB> {
+    fn take_call(&self) -> Option<(S, Request<ReqB>)> {
+        self.call.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn take_stash(&self) -> Option<(stored::Response, Freshness)> {
+        self.stash.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The fill of one HTTP key: the inner call (conditional when a stale copy with a
+/// validator is at hand), its answer judged by the HTTP rules and, when storable,
+/// buffered up to the body limit.
 pub(crate) struct HttpFill<S, ReqB> {
     shared: Arc<Shared>,
-    svc: S,
-    req: Request<ReqB>,
+    job: Arc<Job<S, ReqB>>,
     per_user: bool,
+    /// For the key of a variant: the header names of the vary index it was built from.
+    variant: Option<Vec<HeaderName>>,
+    /// The tag every entry of this URL carries (its variants and index too), so that a
+    /// purge of the URL reaches them all.
     url_tag: String,
+}
+
+/// Header fields a 304 does not update in the stored answer (RFC 9111 3.2): they describe
+/// the stored body or the connection.
+const NOT_UPDATED: [HeaderName; 8] = [
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_RANGE,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONNECTION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+];
+
+/// The stored headers updated with a 304's (RFC 9111 3.2, 4.3.4): each field the 304
+/// carries replaces every stored line of that name.
+fn updated_headers(stored: &http::HeaderMap, fresh: &http::HeaderMap) -> http::HeaderMap {
+    let mut out = stored.clone();
+    for name in fresh.keys() {
+        if NOT_UPDATED.contains(name) {
+            continue;
+        }
+        out.remove(name);
+        for value in fresh.get_all(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// What the flight stores for a judged answer.
+fn to_store<O>(
+    mut value: stored::Response,
+    fresh: &Freshness,
+    rfc: bool,
+    url_tag: &str,
+) -> Filled<stored::Response, O> {
+    value.ext = stored::Ext {
+        rfc,
+        index: false,
+        initial_age: fresh.initial_age,
+        stale_ok_ms: fresh.stale_ok.as_millis().min(u64::MAX as u128) as u64,
+    };
+    let error = value.status.is_server_error();
+    Filled::Store {
+        value,
+        windows: Windows {
+            ttl: fresh.ttl,
+            grace: fresh.grace,
+            stale_if_error: fresh.stale_if_error,
+        },
+        tags: fresh
+            .tags
+            .iter()
+            .cloned()
+            .chain(std::iter::once(url_tag.to_owned()))
+            .collect(),
+        error,
+    }
+}
+
+/// A client's answer made of a buffered one.
+fn full_response<B>(value: &stored::Response) -> Response<StampedeBody<B>> {
+    let mut res = Response::new(StampedeBody::full(value.body.clone()));
+    *res.status_mut() = value.status;
+    *res.headers_mut() = value.headers.clone();
+    res
+}
+
+/// What only the request that ran a fill gets: its own answer or the inner error.
+type Own<S, ReqB, B> = Result<Response<StampedeBody<B>>, <S as Service<Request<ReqB>>>::Error>;
+
+impl<S, ReqB> HttpFill<S, ReqB> {
+    /// Stores a judged answer: under this key, or, when it varies on headers the key does
+    /// not hold and this is the primary key, a vary index here and the answer (stashed)
+    /// under its variant by the request path's next fill.
+    fn conclude<B>(
+        &self,
+        value: stored::Response,
+        fresh: Freshness,
+    ) -> Filled<stored::Response, Own<S, ReqB, B>>
+    where
+        S: Service<Request<ReqB>>,
+    {
+        let rfc = self.shared.rules.standards();
+        match &self.variant {
+            None if !fresh.vary.is_empty() => {
+                let names = fresh
+                    .vary
+                    .iter()
+                    .map(HeaderName::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut headers = http::HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&names) {
+                    headers.insert(http::header::VARY, v);
+                }
+                // The index outlives the answer's freshness: it names headers, and the
+                // variants revalidate themselves.
+                let ttl = fresh
+                    .ttl
+                    .saturating_add(fresh.grace.max(fresh.stale_if_error));
+                let index = stored::Response {
+                    status: StatusCode::OK,
+                    headers,
+                    body: Bytes::new(),
+                    ext: stored::Ext {
+                        rfc: true,
+                        index: true,
+                        initial_age: 0,
+                        stale_ok_ms: 0,
+                    },
+                };
+                *self.job.stash.lock().unwrap_or_else(|p| p.into_inner()) = Some((value, fresh));
+                Filled::Store {
+                    value: index,
+                    windows: Windows {
+                        ttl,
+                        grace: Duration::ZERO,
+                        stale_if_error: Duration::ZERO,
+                    },
+                    tags: vec![self.url_tag.clone()],
+                    error: false,
+                }
+            }
+            Some(names) if *names != fresh.vary => Filled::Pass {
+                own: Ok(full_response(&value)),
+                reason: "vary-changed",
+            },
+            _ => to_store(value, &fresh, rfc, &self.url_tag),
+        }
+    }
 }
 
 impl<S, ReqB, B> Fill<stored::Response> for HttpFill<S, ReqB>
@@ -180,19 +344,43 @@ where
 
     async fn run(
         self,
-        _stale: Option<Arc<Stored<stored::Response>>>,
+        stale: Option<Arc<Stored<stored::Response>>>,
     ) -> Filled<stored::Response, Self::Own> {
-        let HttpFill {
-            shared,
-            mut svc,
-            mut req,
-            per_user,
-            url_tag,
-        } = self;
+        // The answer a primary-key fill of this request found varying: stored as it is.
+        if self.variant.is_some() {
+            if let Some((value, fresh)) = self.job.take_stash() {
+                return self.conclude(value, fresh);
+            }
+        }
+        let Some((mut svc, mut req)) = self.job.take_call() else {
+            return Filled::Failed {
+                own: None,
+                status: 502,
+            };
+        };
+        let shared = self.shared.clone();
+        let per_user = self.per_user;
         // The entry answers GET and HEAD alike: fill it with the whole answer.
         if req.method() == Method::HEAD {
             *req.method_mut() = Method::GET;
         }
+        // A stale copy with a validator is revalidated (RFC 9111 4.3.1).
+        let revalidating =
+            stale.filter(|s| shared.rules.standards() && s.value.ext.rfc && !s.value.is_index());
+        let revalidating = revalidating.filter(|s| {
+            let mut asked = false;
+            if let Some(etag) = s.value.headers.get(ETAG) {
+                req.headers_mut().insert(IF_NONE_MATCH, etag.clone());
+                asked = true;
+            }
+            if let Some(modified) = s.value.headers.get(LAST_MODIFIED) {
+                req.headers_mut()
+                    .insert(IF_MODIFIED_SINCE, modified.clone());
+                asked = true;
+            }
+            asked
+        });
+        let request_ms = now_ms();
         let res = match svc.call(req).await {
             Ok(res) => res,
             Err(e) => {
@@ -202,31 +390,90 @@ where
                 }
             }
         };
+        let timing = Timing {
+            request_ms,
+            response_ms: now_ms(),
+        };
         let (mut head, body) = res.into_parts();
-        let status = head.status.as_u16();
-        let mut tags = take_tags(&mut head.headers, shared.rules.expose_tags);
-        tags.push(url_tag);
-        let fresh = match shared
-            .rules
-            .check_response(head.status, &head.headers, per_user)
-        {
-            Ok(fresh) => fresh,
-            Err(reason) => {
-                let res = Response::from_parts(head, StampedeBody::stream(body));
-                // Not stored, and no hit-for-pass either: a failing upstream stays
-                // coalesced; the waiters of this attempt get its status.
-                if is_shared_error(status) {
-                    return Filled::Failed {
-                        own: Some(Ok(res)),
-                        status,
-                    };
+        // The answer's tags are for this cache: read, and removed unless exposed.
+        let tags = take_tags(&mut head.headers, shared.rules.expose_tags);
+        if shared.rules.standards() && head.headers.contains_key(AGE) {
+            // What goes on carries this cache's view of the age (RFC 9111 4.2.3, 5.1).
+            let age = rfc::initial_age_ms(&head.headers, timing) / 1000;
+            head.headers.insert(AGE, HeaderValue::from(age));
+        }
+        if head.status == StatusCode::NOT_MODIFIED {
+            if let Some(stale) = revalidating {
+                // A 304 naming a strong validator other than the stored one updates
+                // nothing (4.3.4): this attempt failed.
+                let opaque = |v: &HeaderValue| {
+                    v.to_str()
+                        .map(|t| t.trim().trim_start_matches("W/").to_owned())
+                        .ok()
+                };
+                if let Some(new) = head.headers.get(ETAG) {
+                    let old = stale.value.headers.get(ETAG).and_then(opaque);
+                    if old.is_none() || opaque(new) != old {
+                        return Filled::Failed {
+                            own: None,
+                            status: 502,
+                        };
+                    }
                 }
-                return Filled::Pass {
-                    own: Ok(res),
-                    reason,
+                let value = stored::Response {
+                    status: stale.value.status,
+                    headers: updated_headers(&stale.value.headers, &head.headers),
+                    body: stale.value.body.clone(),
+                    ext: stored::Ext::default(),
+                };
+                return match shared.rules.check_response(
+                    value.status,
+                    &value.headers,
+                    per_user,
+                    timing,
+                ) {
+                    Ok(mut fresh) => {
+                        // A 304 keeps the entry's tags (the URL's own is added again).
+                        fresh.tags = stale
+                            .meta
+                            .tags
+                            .iter()
+                            .filter(|t| **t != self.url_tag)
+                            .cloned()
+                            .collect();
+                        self.conclude(value, fresh)
+                    }
+                    Err(reason) => Filled::Pass {
+                        own: Ok(full_response(&value)),
+                        reason,
+                    },
                 };
             }
-        };
+        }
+        let status = head.status.as_u16();
+        let mut fresh =
+            match shared
+                .rules
+                .check_response(head.status, &head.headers, per_user, timing)
+            {
+                Ok(fresh) => fresh,
+                Err(reason) => {
+                    let res = Response::from_parts(head, StampedeBody::stream(body));
+                    // Not stored, and no hit-for-pass either: a failing upstream stays
+                    // coalesced; the waiters of this attempt get its status.
+                    if is_shared_error(status) {
+                        return Filled::Failed {
+                            own: Some(Ok(res)),
+                            status,
+                        };
+                    }
+                    return Filled::Pass {
+                        own: Ok(res),
+                        reason,
+                    };
+                }
+            };
+        fresh.tags = tags;
         let max = shared.rules.max_body;
         let mut body = Box::pin(body);
         let mut frames: VecDeque<Frame<Bytes>> = VecDeque::new();
@@ -300,20 +547,13 @@ where
                 (name.clone(), compact)
             })
             .collect();
-        Filled::Store {
-            value: stored::Response {
-                status: head.status,
-                headers,
-                body,
-            },
-            windows: Windows {
-                ttl: fresh.ttl,
-                grace: fresh.grace,
-                stale_if_error: fresh.stale_if_error,
-            },
-            tags,
-            error: head.status.is_server_error(),
-        }
+        let value = stored::Response {
+            status: head.status,
+            headers,
+            body,
+            ext: stored::Ext::default(),
+        };
+        self.conclude(value, fresh)
     }
 }
 
@@ -373,27 +613,104 @@ where
     };
     tracing::Span::current().record("key", tracing::field::display(key.short()));
     let head = parts.method == Method::HEAD;
+    let standards = shared.rules.standards();
     // What goes upstream does so for everyone: without this client's validators.
-    let if_none_match = strip_conditionals(&mut parts.headers);
+    let cond = strip_conditionals(&mut parts.headers, standards);
+    let arrival = now_ms();
     let ask = Ask {
         head,
-        if_none_match: if_none_match.as_ref(),
-        now: now_ms(),
+        cond,
+        arrival,
+        now: arrival,
     };
+    // The request's headers pick its variant once the primary key names the varied ones.
+    let varied = (standards && shared.rules.max_variants > 0).then(|| parts.headers.clone());
+    let job = Arc::new(Job {
+        call: Mutex::new(Some((svc, Request::from_parts(parts, body)))),
+        stash: Mutex::new(None),
+    });
+    let primary = varied.as_ref().map(|_| (key.canonical.clone(), key.hash.0));
     let fill = HttpFill {
         shared: shared.clone(),
-        svc,
-        req: Request::from_parts(parts, body),
+        job: job.clone(),
         per_user,
+        variant: None,
+        url_tag: url_tag.clone(),
+    };
+    let flown = shared.core.get(key, fill).await;
+    let index = match &flown {
+        Flown::Value(stored, _) if stored.value.is_index() => Some(stored.clone()),
+        _ => None,
+    };
+    let (Some(index), Some(headers), Some((canonical, hash))) = (index, varied, primary) else {
+        return Box::pin(answer(&shared, flown, &job, ask)).await;
+    };
+    // A vary index: the variant is keyed on the normalized values of the headers it names.
+    let names = index_names(&index.value);
+    let mut variant = canonical;
+    variant.push_str("\nvary");
+    for name in &names {
+        match rfc::normalized(&headers, name) {
+            Some(value) => {
+                let _ = write!(variant, "\n{name}:{value}");
+            }
+            None => {
+                let _ = write!(variant, "\n{name}!");
+            }
+        }
+    }
+    let variant = Key::new(variant);
+    if !shared.admit_variant(hash, variant.hash.0).await {
+        shared.core.counters.incr(Event::bypassed);
+        return Box::pin(answer_own(&shared, &job, Outcome::Bypass("variants"))).await;
+    }
+    let fill = HttpFill {
+        shared: shared.clone(),
+        job: job.clone(),
+        per_user,
+        variant: Some(names),
         url_tag,
     };
-    match shared.core.get(key, fill).await {
+    let flown = shared.core.get(variant, fill).await;
+    Box::pin(answer(&shared, flown, &job, ask)).await
+}
+
+/// The header names a vary index holds.
+fn index_names(index: &stored::Response) -> Vec<HeaderName> {
+    index
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// The client's answer from what the flight gave.
+async fn answer<S, ReqB, B>(
+    shared: &Arc<Shared>,
+    flown: Flown<stored::Response, HttpFill<S, ReqB>>,
+    job: &Job<S, ReqB>,
+    ask: Ask,
+) -> Result<Response<StampedeBody<B>>, S::Error>
+where
+    S: Inner<ReqB, B>,
+    ReqB: Send + 'static,
+    B: HttpBody + Send + 'static,
+{
+    let head = ask.head;
+    match flown {
         Flown::Value(stored, outcome) => {
+            if stored.value.is_index() {
+                // A variant key never holds an index: bytes not of ours.
+                return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
+            }
             let ask = Ask {
                 now: now_ms(),
                 ..ask
             };
-            Ok(shared.respond(&stored, outcome.into(), ask))
+            Ok(shared.respond(&stored, outcome.into(), &ask))
         }
         Flown::Own(res, outcome) => {
             // The fill asked for a GET: a HEAD gets its head only.
@@ -410,12 +727,31 @@ where
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             outcome.into(),
         )),
-        Flown::Pass(fill) => {
-            Box::pin(forward(&shared, fill.svc, fill.req, Outcome::HitForPass)).await
-        }
+        Flown::Pass(_) => answer_own(shared, job, Outcome::HitForPass).await,
         Flown::Refused(outcome) => {
             Ok(shared.error_response(StatusCode::SERVICE_UNAVAILABLE, outcome.into()))
         }
+    }
+}
+
+/// Sends the request straight upstream, or when a fill of it ran already, answers what
+/// that fill stashed.
+async fn answer_own<S, ReqB, B>(
+    shared: &Arc<Shared>,
+    job: &Job<S, ReqB>,
+    outcome: Outcome,
+) -> Result<Response<StampedeBody<B>>, S::Error>
+where
+    S: Inner<ReqB, B>,
+    ReqB: Send + 'static,
+    B: HttpBody + Send + 'static,
+{
+    if let Some((svc, req)) = job.take_call() {
+        return forward(shared, svc, req, outcome).await;
+    }
+    match job.take_stash() {
+        Some((value, _)) => Ok(shared.stamp(full_response(&value), outcome)),
+        None => Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed)),
     }
 }
 
@@ -478,10 +814,16 @@ where
 }
 
 impl Shared {
-    /// Adds this cache's `Cache-Status` entry after any from upstream caches.
+    /// Adds this cache's `Cache-Status` entry after any from upstream caches. In standards
+    /// mode the fields targeted at this cache (RFC 9213) go no further.
     pub(crate) fn stamp<B>(&self, mut res: Response<B>, outcome: Outcome) -> Response<B> {
         tracing::Span::current().record("outcome", outcome.name());
         let _ = OUTCOME.try_with(|cell| cell.set(Some(outcome)));
+        if self.rules.standards() {
+            for name in &self.rules.targeted {
+                res.headers_mut().remove(name);
+            }
+        }
         let ours = self.status_values.get(outcome);
         let value = match res.headers().get(&CACHE_STATUS) {
             Some(theirs) => {
@@ -500,38 +842,99 @@ impl Shared {
         &self,
         stored: &Stored<stored::Response>,
         outcome: Outcome,
-        ask: Ask<'_>,
+        ask: &Ask,
     ) -> Response<StampedeBody<B>> {
+        let entry = &stored.value;
+        let meta = &stored.meta;
+        let mut outcome = outcome;
+        if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
+            if meta.stored_at > ask.arrival {
+                // Fetched or validated after this request arrived (an answer stale on
+                // arrival, or `no-cache`): it is this request's answer.
+                outcome = Outcome::Collapsed;
+            } else if entry.ext.rfc
+                && ask.now >= meta.fresh_until.saturating_add(entry.ext.stale_ok_ms)
+            {
+                // Kept only to be revalidated, and the revalidation failed: never served
+                // stale (RFC 9111 4.2.4, 5.2.2.2).
+                return self.error_response(StatusCode::GATEWAY_TIMEOUT, Outcome::UpstreamFailed);
+            }
+        }
         if matches!(outcome, Outcome::Stale | Outcome::StaleIfError) {
             self.core.counters.incr(Event::stale_served);
         }
-        let entry = &stored.value;
-        let not_modified = entry.status == StatusCode::OK
-            && ask
-                .if_none_match
-                .is_some_and(|inm| etag_matches(inm, &entry.headers));
-        let body = if ask.head || not_modified {
-            StampedeBody::empty()
-        } else {
-            StampedeBody::full(entry.body.clone())
-        };
-        let mut res = Response::new(body);
+        let mut res = Response::new(StampedeBody::empty());
         *res.headers_mut() = entry.headers.clone();
-        if not_modified {
-            *res.status_mut() = StatusCode::NOT_MODIFIED;
-            res.headers_mut().remove(http::header::CONTENT_LENGTH);
-        } else {
-            *res.status_mut() = entry.status;
-            if ask.head {
-                res.headers_mut().insert(
-                    http::header::CONTENT_LENGTH,
-                    HeaderValue::from(entry.body.len()),
-                );
+        *res.status_mut() = entry.status;
+        let resident = meta.age_secs(ask.now);
+        let age = (u64::from(entry.ext.initial_age) + resident).min(rfc::MAX_DELTA);
+        res.headers_mut().insert(AGE, HeaderValue::from(age));
+        match preconditions(entry, ask) {
+            Precondition::Failed => {
+                *res.status_mut() = StatusCode::PRECONDITION_FAILED;
+                res.headers_mut().remove(http::header::CONTENT_LENGTH);
+                return self.stamp(res, outcome);
+            }
+            Precondition::NotModified => {
+                *res.status_mut() = StatusCode::NOT_MODIFIED;
+                res.headers_mut().remove(http::header::CONTENT_LENGTH);
+                return self.stamp(res, outcome);
+            }
+            Precondition::Proceed => {}
+        }
+        let len = entry.body.len() as u64;
+        let range = ask
+            .cond
+            .range
+            .as_ref()
+            .filter(|_| entry.status == StatusCode::OK)
+            .filter(|_| if_range_holds(entry, ask))
+            .and_then(ByteRange::parse);
+        let mut body = entry.body.clone();
+        if let Some(range) = range {
+            match range.span(len) {
+                Some((first, last)) => {
+                    *res.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    body = body.slice(first as usize..=last as usize);
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")) {
+                        res.headers_mut().insert(http::header::CONTENT_RANGE, v);
+                    }
+                }
+                None => {
+                    *res.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                    body = Bytes::new();
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                        res.headers_mut().insert(http::header::CONTENT_RANGE, v);
+                    }
+                }
             }
         }
-        res.headers_mut()
-            .insert(AGE, HeaderValue::from(stored.meta.age_secs(ask.now)));
+        if ask.head || range.is_some() {
+            res.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        if !ask.head {
+            *res.body_mut() = StampedeBody::full(body);
+        }
         self.stamp(res, outcome)
+    }
+
+    /// Admits a variant of a URL, at most `max_variants` per URL on this node.
+    async fn admit_variant(&self, primary: [u8; 32], variant: [u8; 32]) -> bool {
+        let max = self.rules.max_variants;
+        let known = self
+            .variants
+            .get_with(primary, async { Arc::new(Mutex::new(Vec::new())) })
+            .await;
+        let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.contains(&variant) {
+            return true;
+        }
+        if known.len() >= max {
+            return false;
+        }
+        known.push(variant);
+        true
     }
 
     pub(crate) fn error_response<B>(
@@ -542,5 +945,70 @@ impl Shared {
         let mut res = Response::new(StampedeBody::empty());
         *res.status_mut() = status;
         self.stamp(res, outcome)
+    }
+}
+
+/// What the client's preconditions make of a stored answer (RFC 9110 13.2.2).
+enum Precondition {
+    Proceed,
+    NotModified,
+    Failed,
+}
+
+fn preconditions(entry: &stored::Response, ask: &Ask) -> Precondition {
+    // Preconditions apply to what would be a 2xx answer only.
+    if !entry.status.is_success() {
+        return Precondition::Proceed;
+    }
+    let modified = entry.headers.get(LAST_MODIFIED).and_then(rfc::http_date_ms);
+    let cond = &ask.cond;
+    if let Some(if_match) = &cond.if_match {
+        if !etag_matches_strong(if_match, &entry.headers) {
+            return Precondition::Failed;
+        }
+    } else if let Some(since) = cond
+        .if_unmodified_since
+        .as_ref()
+        .and_then(rfc::http_date_ms)
+    {
+        if modified.is_some_and(|m| m > since) {
+            return Precondition::Failed;
+        }
+    }
+    if let Some(inm) = &cond.if_none_match {
+        if etag_matches(inm, &entry.headers) {
+            return Precondition::NotModified;
+        }
+    } else if let Some(since) = cond.if_modified_since.as_ref().and_then(rfc::http_date_ms) {
+        if modified.is_some_and(|m| m <= since) {
+            return Precondition::NotModified;
+        }
+    }
+    Precondition::Proceed
+}
+
+/// Whether an `If-Range` (absent, a strong ETag, or the exact `Last-Modified` date) lets
+/// the range apply; otherwise the whole answer is sent.
+fn if_range_holds(entry: &stored::Response, ask: &Ask) -> bool {
+    let Some(if_range) = &ask.cond.if_range else {
+        return true;
+    };
+    let Ok(text) = if_range.to_str() else {
+        return false;
+    };
+    let text = text.trim();
+    if text.starts_with('"') {
+        return entry
+            .headers
+            .get(ETAG)
+            .and_then(|e| e.to_str().ok())
+            .is_some_and(|e| e.trim() == text);
+    }
+    match (
+        rfc::http_date_ms(if_range),
+        entry.headers.get(LAST_MODIFIED).and_then(rfc::http_date_ms),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
     }
 }

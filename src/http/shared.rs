@@ -14,12 +14,17 @@ use crate::cache::flight::{Core, Key};
 /// The flight core of the HTTP layer: stored answers, in their codec.
 pub(crate) type HttpCore = Core<stored::Response, HttpCodec>;
 
+/// The variant keys stored per URL on this node: primary key hash to variant key hashes.
+pub(crate) type Variants = moka::future::Cache<[u8; 32], Arc<std::sync::Mutex<Vec<[u8; 32]>>>>;
+
 /// State shared by every clone of one layer and the services it built: one "node".
 pub(crate) struct Shared {
     pub(crate) core: Arc<HttpCore>,
     pub(crate) status_values: StatusValues,
     pub(crate) rules: HttpRules,
     pub(crate) key_fn: Option<KeyFn>,
+    /// The variants this node stored per URL (primary key hash), for `max_variants`.
+    pub(crate) variants: Variants,
 }
 
 impl Shared {
@@ -29,7 +34,9 @@ impl Shared {
     /// answers both.
     pub(crate) fn key_for(&self, parts: &mut Parts) -> Result<RequestKey, Outcome> {
         let per_user = self.rules.check_request(&parts.method, &parts.headers)?;
-        normalize_accept_encoding(&mut parts.headers);
+        if self.rules.key_accept_encoding {
+            normalize_accept_encoding(&mut parts.headers);
+        }
         if parts.method == http::Method::HEAD && self.rules.methods.contains(&http::Method::GET) {
             parts.method = http::Method::GET;
             let key = self.key_for_checked(parts, per_user);
@@ -43,7 +50,13 @@ impl Shared {
         let base = self.base_key(parts).ok_or(Outcome::Bypass("key"))?;
         let url_tag = url_tag(&base);
         Ok(RequestKey {
-            key: Key::new(request_key(base, parts, &self.rules.vary, per_user)),
+            key: Key::new(request_key(
+                base,
+                parts,
+                &self.rules.vary,
+                per_user,
+                self.rules.key_accept_encoding,
+            )),
             per_user,
             url_tag,
         })

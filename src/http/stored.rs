@@ -1,7 +1,11 @@
 //! A stored HTTP answer and its codec: the payload of the cache's envelope.
 //!
 //! Layout (big-endian): `status:u16 n_headers:u16 (name_len:u16 name value_len:u32 value)*
-//! body_len:u32 body`. Decoding never panics: anything short, or past the bounds
+//! body_len:u32 body [ext]`, where the optional `ext` (written by the standards mode) is
+//! `"R" flags:u8 initial_age:u32 stale_ok_ms:u64`: what RFC 9111 needs beyond the envelope's
+//! times (the corrected initial age, how long past freshness the copy may be served
+//! without revalidation, whether it is a vary index). A payload without it decodes as a
+//! 0.1 answer. Decoding never panics: anything short, or past the bounds
 //! ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`]), is an error (a miss that the next fill
 //! overwrites); every length field is checked against the bytes left before anything is
 //! built from it. The HTTP rules refuse to store an answer past those bounds, so the
@@ -27,6 +31,7 @@ const PER_HEADER_MEMORY: usize = 64;
 /// The largest payload of an answer whose body is at most `max_body` bytes.
 pub(crate) fn max_payload(max_body: usize) -> usize {
     FIXED_LEN
+        .saturating_add(EXT_LEN)
         .saturating_add(MAX_HEADERS * PER_HEADER_LEN + MAX_HEADER_BYTES)
         .saturating_add(max_body)
 }
@@ -43,11 +48,37 @@ pub(crate) fn headers_fit(headers: &HeaderMap) -> bool {
 }
 
 /// One stored answer.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Response {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
+    pub(crate) ext: Ext,
+}
+
+/// What the standards mode stores beyond the answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Ext {
+    /// Written by the standards mode.
+    pub(crate) rfc: bool,
+    /// A vary index: no answer, but the names (in `Vary`) of the request headers whose
+    /// values pick the variant.
+    pub(crate) index: bool,
+    /// The corrected initial age, in seconds.
+    pub(crate) initial_age: u32,
+    /// How long past freshness the copy may be served without revalidation, in ms.
+    pub(crate) stale_ok_ms: u64,
+}
+
+const EXT_MAGIC: u8 = b'R';
+const EXT_LEN: usize = 1 + 1 + 4 + 8;
+const FLAG_INDEX: u8 = 1;
+
+impl Response {
+    /// Whether this is a vary index rather than an answer.
+    pub(crate) fn is_index(&self) -> bool {
+        self.ext.index
+    }
 }
 
 /// The codec of stored answers.
@@ -79,6 +110,12 @@ impl Codec<Response> for HttpCodec {
             .map_err(|_| CodecError("body larger than 4 GiB".into()))?;
         out.put_u32(body_len);
         out.put_slice(&value.body);
+        if value.ext.rfc {
+            out.put_u8(EXT_MAGIC);
+            out.put_u8(if value.ext.index { FLAG_INDEX } else { 0 });
+            out.put_u32(value.ext.initial_age);
+            out.put_u64(value.ext.stale_ok_ms);
+        }
         Ok(out)
     }
 
@@ -113,13 +150,27 @@ fn decode(bytes: &Bytes) -> Option<Response> {
     let body_len = r.u32().ok()? as usize;
     let start = r.pos;
     r.take(body_len).ok()?;
+    let mut ext = Ext::default();
     if r.pos != bytes.len() {
-        return None;
+        if r.left() != EXT_LEN || r.u8().ok()? != EXT_MAGIC {
+            return None;
+        }
+        let flags = r.u8().ok()?;
+        if flags & !FLAG_INDEX != 0 {
+            return None;
+        }
+        ext = Ext {
+            rfc: true,
+            index: flags & FLAG_INDEX != 0,
+            initial_age: r.u32().ok()?,
+            stale_ok_ms: r.u64().ok()?,
+        };
     }
     Some(Response {
         status,
         headers,
         body: bytes.slice(start..start + body_len),
+        ext,
     })
 }
 
@@ -136,18 +187,31 @@ mod tests {
             status: StatusCode::OK,
             headers,
             body: Bytes::from_static(b"hello world"),
+            ext: Ext::default(),
         }
     }
 
     #[test]
     fn round_trip() {
-        let e = sample();
-        let bytes = Bytes::from(HttpCodec::encode(&e).unwrap());
-        let d = HttpCodec::decode(&bytes).unwrap();
-        assert_eq!(d.status, e.status);
-        assert_eq!(d.headers, e.headers);
-        assert_eq!(d.body, e.body);
-        assert!(bytes.len() <= max_payload(e.body.len()));
+        let mut e = sample();
+        for ext in [
+            Ext::default(),
+            Ext {
+                rfc: true,
+                index: true,
+                initial_age: 7,
+                stale_ok_ms: 1234,
+            },
+        ] {
+            e.ext = ext;
+            let bytes = Bytes::from(HttpCodec::encode(&e).unwrap());
+            let d = HttpCodec::decode(&bytes).unwrap();
+            assert_eq!(d.status, e.status);
+            assert_eq!(d.headers, e.headers);
+            assert_eq!(d.body, e.body);
+            assert_eq!(d.ext, e.ext);
+            assert!(bytes.len() <= max_payload(e.body.len()));
+        }
     }
 
     /// A payload with `n` distinct header names, as hostile bytes in Redis may hold.
