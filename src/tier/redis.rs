@@ -3,8 +3,9 @@
 //! through one supervised pub/sub subscription per node.
 //!
 //! Keys: `prefix:{hash}:v` (value), `prefix:{hash}:lock`, `prefix:{hash}:fail` (the short
-//! failure marker of an attempt): the hash tag keeps them in one Cluster slot. Channel:
-//! `prefix:ready`.
+//! failure marker of an attempt): the hash tag keeps them in one Cluster slot. Channels:
+//! `prefix:{hash}:wake` for the key's wake-ups (heard by the nodes waiting on it),
+//! `prefix:ready` for invalidations (heard by every node).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,10 +19,15 @@ use super::conn::{BackendError, Breaker, Raced, RedisConn};
 use super::wake::{self, WakeSink};
 use super::{millis, scripts, Check, CheckOpts, KeyHash, TierConfig, Wakers};
 
+/// The shortest and longest a node hears a key it holds no waiter on, after finding its
+/// lock held (a background refresh): the other fill's wake-up replaces its stale copy.
+pub(crate) const LINGER_MIN: Duration = Duration::from_secs(1);
+pub(crate) const LINGER_MAX: Duration = Duration::from_secs(10);
+
 pub(crate) struct RedisTier {
     pub(crate) conn: RedisConn,
     prefix: String,
-    channel: String,
+    broadcast: String,
     pub(crate) wakers: Arc<Wakers>,
     subscribed: AtomicBool,
     /// Dropping it (with the tier) stops the subscription.
@@ -52,7 +58,7 @@ impl RedisTier {
                 Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
             ),
             prefix: cfg.prefix.clone(),
-            channel: format!("{}:ready", cfg.prefix),
+            broadcast: wake::broadcast_channel(&cfg.prefix),
             wakers: Arc::default(),
             subscribed: AtomicBool::new(false),
             stop_subscription: Mutex::new(None),
@@ -76,6 +82,10 @@ impl RedisTier {
         format!("{}:{{{}}}:fail", self.prefix, key.hex())
     }
 
+    fn wake_channel(&self, key: &KeyHash) -> String {
+        wake::key_channel(&self.prefix, &key.0)
+    }
+
     /// Starts the supervised subscription once, from inside the runtime.
     pub(crate) fn ensure_subscribed(&self, sink: Weak<dyn WakeSink>) {
         if self.subscribed.load(Ordering::Relaxed) || self.subscribed.swap(true, Ordering::AcqRel) {
@@ -86,9 +96,10 @@ impl RedisTier {
             .stop_subscription
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(stop);
-        let (client, channel, timeout) = (
+        let (client, prefix, wakers, timeout) = (
             self.conn.client().clone(),
-            self.channel.clone(),
+            self.prefix.clone(),
+            self.wakers.clone(),
             self.conn.timeout(),
         );
         tokio::spawn(wake::supervise(
@@ -97,7 +108,8 @@ impl RedisTier {
                 sink.upgrade()?;
                 Some(wake::subscribe(
                     client.clone(),
-                    channel.clone(),
+                    prefix.clone(),
+                    wakers.clone(),
                     sink.clone(),
                     timeout,
                 ))
@@ -162,6 +174,10 @@ impl RedisTier {
                     Some(Value::BulkString(b)) => Bytes::from(b),
                     _ => Bytes::new(),
                 };
+                // Waiting on another node's fill: hear this key's wake-ups (a refresh,
+                // which waits on nothing, for about as long as that fill may take).
+                let linger = left.unwrap_or(LINGER_MAX).clamp(LINGER_MIN, LINGER_MAX);
+                self.wakers.want(&key.0, linger);
                 Ok(Check::Held { token, left })
             }
             (Some(4), Some(Value::BulkString(tail)), _) => match wake::failure_status(&tail) {
@@ -206,7 +222,11 @@ impl RedisTier {
         bytes: &[u8],
         ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let (vk, lk) = (self.value_key(key), self.lock_key(key));
+        let (vk, lk, channel) = (
+            self.value_key(key),
+            self.lock_key(key),
+            self.wake_channel(key),
+        );
         let reply: Vec<i64> = self
             .conn
             .run_always(|mut c| async move {
@@ -216,7 +236,7 @@ impl RedisTier {
                     .arg(token)
                     .arg(bytes)
                     .arg(millis(ttl))
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(key.hex())
                     .arg(if bytes.len() <= wake::INLINE_MAX {
                         "1"
@@ -239,14 +259,14 @@ impl RedisTier {
         key: &KeyHash,
         token: &str,
     ) -> Result<bool, BackendError> {
-        let lk = self.lock_key(key);
+        let (lk, channel) = (self.lock_key(key), self.wake_channel(key));
         let held: i64 = self
             .conn
             .run_always(|mut c| async move {
                 scripts::RELEASE_PUBLISH
                     .key(lk)
                     .arg(token)
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(key.hex())
                     .invoke_async(&mut c)
                     .await
@@ -264,7 +284,11 @@ impl RedisTier {
         status: u16,
         marker_ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let (lk, fk) = (self.lock_key(key), self.fail_key(key));
+        let (lk, fk, channel) = (
+            self.lock_key(key),
+            self.fail_key(key),
+            self.wake_channel(key),
+        );
         let tail = wake::failure_tail(status);
         let mut message = key.hex().into_bytes();
         message.extend_from_slice(&tail);
@@ -279,7 +303,7 @@ impl RedisTier {
                     .arg(token)
                     .arg(marker)
                     .arg(millis(marker_ttl))
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(message)
                     .invoke_async(&mut c)
                     .await
@@ -319,7 +343,7 @@ impl RedisTier {
             .run(|mut c| async move {
                 scripts::REMOVE
                     .key(vk)
-                    .arg(&self.channel)
+                    .arg(&self.broadcast)
                     .arg(message)
                     .invoke_async(&mut c)
                     .await
