@@ -18,7 +18,7 @@ use super::Tier;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackendHealth {
-    /// `"local"` or `"redis"`.
+    /// `"local"`, `"redis"` or `"redis-cluster"`.
     pub backend: &'static str,
     /// Where Redis is (`host:port`, or a socket path), never with its password; `None` for
     /// the local backend.
@@ -141,6 +141,22 @@ pub(crate) fn classify(error: &BackendError) -> RedisProblem {
     RedisProblem::Other(e.to_string())
 }
 
+#[cfg(feature = "redis")]
+impl<S: super::conn::Source> super::redis::RedisTier<S> {
+    async fn health(&self) -> BackendHealth {
+        let ping = self.ping().await;
+        BackendHealth {
+            backend: S::KIND,
+            address: Some(self.address()),
+            redis: match ping {
+                Ok(()) => RedisState::Up,
+                Err(e) => RedisState::Down(classify(&e)),
+            },
+            breaker_open: self.breaker_open(),
+        }
+    }
+}
+
 impl Tier {
     /// Asks the backend once whether it answers: with Redis, one `PING` under the Redis
     /// deadline (at least 1 s while the first connection is made), past the circuit
@@ -154,18 +170,9 @@ impl Tier {
                 breaker_open: false,
             },
             #[cfg(feature = "redis")]
-            Tier::Redis(t) => {
-                let ping = t.ping().await;
-                BackendHealth {
-                    backend: "redis",
-                    address: Some(t.address()),
-                    redis: match ping {
-                        Ok(()) => RedisState::Up,
-                        Err(e) => RedisState::Down(classify(&e)),
-                    },
-                    breaker_open: t.breaker_open(),
-                }
-            }
+            Tier::Redis(t) => t.health().await,
+            #[cfg(feature = "cluster")]
+            Tier::Cluster(t) => t.health().await,
         }
     }
 }

@@ -9,6 +9,8 @@
 //!   wake-ups by direct notification. The embedded default: no Redis.
 //! * `redis` (feature `redis`): one Redis. Every primitive is one Lua script, so one
 //!   round trip; wake-ups come through a supervised pub/sub subscription.
+//! * `cluster` (feature `cluster`): a Redis Cluster: the same scripts routed by their
+//!   keys' slot, wake-ups over sharded pub/sub.
 //!
 //! This room imports nothing from `cache` or `http`: what it hears from Redis it hands
 //! upward through the [`WakeSink`] trait.
@@ -23,6 +25,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster;
 #[cfg(feature = "redis")]
 pub(crate) mod conn;
 pub(crate) mod health;
@@ -56,6 +60,8 @@ pub(crate) enum BackendKind {
     Local,
     #[cfg(feature = "redis")]
     Redis(Box<::redis::Client>),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<cluster::ClusterSource>),
 }
 
 impl fmt::Debug for Backend {
@@ -67,6 +73,13 @@ impl fmt::Debug for Backend {
                 .debug_tuple("Backend::Redis")
                 .field(&redacted(client))
                 .finish(),
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(source) => {
+                use conn::Source;
+                f.debug_tuple("Backend::RedisCluster")
+                    .field(&source.address())
+                    .finish()
+            }
         }
     }
 }
@@ -74,7 +87,13 @@ impl fmt::Debug for Backend {
 /// The address of a Redis client, for logs: never its password.
 #[cfg(feature = "redis")]
 pub(crate) fn redacted(client: &::redis::Client) -> String {
-    match client.get_connection_info().addr() {
+    address_of(client.get_connection_info().addr())
+}
+
+/// `host:port` (or a socket path): never a password.
+#[cfg(feature = "redis")]
+pub(crate) fn address_of(addr: &::redis::ConnectionAddr) -> String {
+    match addr {
         ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
         ::redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
         other => other.to_string(),
@@ -98,6 +117,32 @@ impl Backend {
     #[cfg(feature = "redis")]
     pub fn redis_client(client: ::redis::Client) -> Self {
         Backend(BackendKind::Redis(Box::new(client)))
+    }
+
+    /// A Redis Cluster reached through any of `nodes` (for example
+    /// `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`; the others are discovered).
+    /// Each key's value, lock and wake-up channel live in one slot, so every primitive is
+    /// still one script on one master, and a key's wake-ups go over sharded pub/sub to the
+    /// nodes waiting on it. Nothing connects until the first request.
+    ///
+    /// ```no_run
+    /// let cluster = tower_stampede::Backend::redis_cluster([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    /// ])
+    /// .unwrap();
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn redis_cluster<T: ::redis::IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> ::redis::RedisResult<Self> {
+        let nodes = nodes
+            .into_iter()
+            .map(|n| n.into_connection_info())
+            .collect::<::redis::RedisResult<Vec<_>>>()?;
+        let source = cluster::ClusterSource::new(nodes);
+        source.check()?;
+        Ok(Backend(BackendKind::Cluster(Box::new(source))))
     }
 }
 
@@ -209,6 +254,8 @@ pub(crate) enum Tier {
     Local(local::LocalTier),
     #[cfg(feature = "redis")]
     Redis(Box<redis::RedisTier>),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<redis::RedisTier<cluster::ClusterSource>>),
 }
 
 impl fmt::Debug for Tier {
@@ -217,8 +264,24 @@ impl fmt::Debug for Tier {
             Tier::Local(_) => f.write_str("local"),
             #[cfg(feature = "redis")]
             Tier::Redis(r) => write!(f, "redis at {}", r.address()),
+            #[cfg(feature = "cluster")]
+            Tier::Cluster(r) => write!(f, "redis cluster at {}", r.address()),
         }
     }
+}
+
+/// Runs `$body` with `$t` bound to the Redis tier of whichever Redis variant `$tier` is
+/// (one Redis or a Cluster: the same code, generic over the connection).
+macro_rules! on_redis {
+    ($tier:expr, $t:ident => $body:expr, local $l:pat => $local:expr) => {
+        match $tier {
+            Tier::Local($l) => $local,
+            #[cfg(feature = "redis")]
+            Tier::Redis($t) => $body,
+            #[cfg(feature = "cluster")]
+            Tier::Cluster($t) => $body,
+        }
+    };
 }
 
 /// How a Redis tier is set up.
@@ -239,25 +302,21 @@ impl Tier {
             BackendKind::Redis(client) => {
                 Tier::Redis(Box::new(redis::RedisTier::new(*client, cfg)))
             }
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(source) => {
+                Tier::Cluster(Box::new(redis::RedisTier::new(*source, cfg)))
+            }
         }
     }
 
     /// The waiters of this process, by key.
     pub(crate) fn wakers(&self) -> &Arc<Wakers> {
-        match self {
-            Tier::Local(t) => &t.wakers,
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => &t.wakers,
-        }
+        on_redis!(self, t => &t.wakers, local t => &t.wakers)
     }
 
     /// Starts hearing wake-ups for `sink` (once; later calls do nothing).
     pub(crate) fn ensure_subscribed(&self, sink: std::sync::Weak<dyn WakeSink>) {
-        match self {
-            Tier::Local(_) => drop(sink),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.ensure_subscribed(sink),
-        }
+        on_redis!(self, t => t.ensure_subscribed(sink), local _ => drop(sink))
     }
 
     pub(crate) async fn check_and_lock(
@@ -266,11 +325,8 @@ impl Tier {
         token: &str,
         opts: CheckOpts<'_>,
     ) -> Result<Check, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.check_and_lock(key, token, opts.lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.check_and_lock(key, token, opts).await,
-        }
+        on_redis!(self, t => t.check_and_lock(key, token, opts).await,
+            local t => Ok(t.check_and_lock(key, token, opts.lease)))
     }
 
     /// Stores `bytes` for `ttl` (unless a newer entry, by `stored_at`, stands), releases
@@ -285,20 +341,14 @@ impl Tier {
     ) -> Result<bool, BackendError> {
         #[cfg(not(feature = "redis"))]
         let _ = (bytes, ttl);
-        match self {
-            Tier::Local(t) => Ok(t.release(key, token)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.store_release(key, token, bytes, ttl).await,
-        }
+        on_redis!(self, t => t.store_release(key, token, bytes, ttl).await,
+            local t => Ok(t.release(key, token)))
     }
 
     /// Releases (if still ours) and wakes the waiters, for a fill with nothing to store.
     pub(crate) async fn release(&self, key: &KeyHash, token: &str) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.release(key, token)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.release_publish(key, token).await,
-        }
+        on_redis!(self, t => t.release_publish(key, token).await,
+            local t => Ok(t.release(key, token)))
     }
 
     /// Leaves a failure marker for `marker_ttl`, releases and tells the waiters that the
@@ -312,11 +362,8 @@ impl Tier {
     ) -> Result<bool, BackendError> {
         #[cfg(not(feature = "redis"))]
         let _ = marker_ttl;
-        match self {
-            Tier::Local(t) => Ok(t.fail_release(key, token, status)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.fail_release(key, token, status, marker_ttl).await,
-        }
+        on_redis!(self, t => t.fail_release(key, token, status, marker_ttl).await,
+            local t => Ok(t.fail_release(key, token, status)))
     }
 
     /// Extends the lease if `token` still holds the lock.
@@ -326,11 +373,8 @@ impl Tier {
         token: &str,
         lease: Duration,
     ) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.locks.extend(key.0, token, lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.extend(key, token, lease).await,
-        }
+        on_redis!(self, t => t.extend(key, token, lease).await,
+            local t => Ok(t.locks.extend(key.0, token, lease)))
     }
 
     /// Takes over a lock still held by `old` (one with no expiry, or a lease no holder of
@@ -342,21 +386,14 @@ impl Tier {
         token: &str,
         lease: Duration,
     ) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.locks.takeover(key.0, old, token, lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.takeover(key, old, token, lease).await,
-        }
+        on_redis!(self, t => t.takeover(key, old, token, lease).await,
+            local t => Ok(t.locks.takeover(key.0, old, token, lease)))
     }
 
     /// Removes the stored value.
     pub(crate) async fn remove(&self, key: &KeyHash) -> Result<(), BackendError> {
         let _ = key;
-        match self {
-            Tier::Local(_) => Ok(()),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.remove(key).await,
-        }
+        on_redis!(self, t => t.remove(key).await, local _ => Ok(()))
     }
 
     /// Reads a value without taking the lock (local: there is no shared copy).
@@ -366,11 +403,7 @@ impl Tier {
         max_value: usize,
     ) -> Result<Option<Bytes>, BackendError> {
         let _ = (key, max_value);
-        match self {
-            Tier::Local(_) => Ok(None),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.read(key, max_value).await,
-        }
+        on_redis!(self, t => t.read(key, max_value).await, local _ => Ok(None))
     }
 }
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use redis::Value;
 use tokio::sync::oneshot;
 
-use super::conn::{BackendError, Breaker, Raced, RedisConn};
+use super::conn::{BackendError, Breaker, Raced, RedisConn, Source};
 use super::wake::{self, WakeSink};
 use super::{millis, scripts, Check, CheckOpts, KeyHash, TierConfig, Wakers};
 
@@ -24,8 +24,10 @@ use super::{millis, scripts, Check, CheckOpts, KeyHash, TierConfig, Wakers};
 pub(crate) const LINGER_MIN: Duration = Duration::from_secs(1);
 pub(crate) const LINGER_MAX: Duration = Duration::from_secs(10);
 
-pub(crate) struct RedisTier {
-    pub(crate) conn: RedisConn,
+/// A Redis tier on one Redis or (with `S` a Cluster source) on a Redis Cluster: the same
+/// scripts, routed by their keys, which share one hash tag.
+pub(crate) struct RedisTier<S: Source = redis::Client> {
+    pub(crate) conn: RedisConn<S>,
     prefix: String,
     broadcast: String,
     pub(crate) wakers: Arc<Wakers>,
@@ -49,8 +51,8 @@ fn unexpected(what: &str) -> BackendError {
     )))
 }
 
-impl RedisTier {
-    pub(crate) fn new(client: redis::Client, cfg: &TierConfig) -> Self {
+impl<S: Source> RedisTier<S> {
+    pub(crate) fn new(client: S, cfg: &TierConfig) -> Self {
         RedisTier {
             conn: RedisConn::new(
                 client,
@@ -67,7 +69,7 @@ impl RedisTier {
 
     /// The server's address, without credentials.
     pub(crate) fn address(&self) -> String {
-        super::redacted(self.conn.client())
+        self.conn.client().address()
     }
 
     fn value_key(&self, key: &KeyHash) -> String {
@@ -106,8 +108,7 @@ impl RedisTier {
             move || {
                 // Nobody left to hear: the cache is gone.
                 sink.upgrade()?;
-                Some(wake::subscribe(
-                    client.clone(),
+                Some(client.clone().subscription(
                     prefix.clone(),
                     wakers.clone(),
                     sink.clone(),
@@ -129,7 +130,7 @@ impl RedisTier {
         let (vk, lk, fk) = (self.value_key(key), self.lock_key(key), self.fail_key(key));
         let rk = vk.clone();
         let waited_on = opts.waited_on.unwrap_or_default();
-        let write = |mut c: redis::aio::ConnectionManager| async move {
+        let write = |mut c: S::Conn| async move {
             scripts::CHECK_AND_LOCK
                 .key(vk)
                 .key(lk)
@@ -146,7 +147,7 @@ impl RedisTier {
         let reply = if opts.skip_value {
             self.conn.run(write).await?
         } else {
-            let read = |mut c: redis::aio::ConnectionManager| async move {
+            let read = |mut c: S::Conn| async move {
                 redis::cmd("EVAL_RO")
                     .arg(scripts::READ_VALUE)
                     .arg(1)
@@ -243,6 +244,7 @@ impl RedisTier {
                     } else {
                         "0"
                     })
+                    .arg(S::PUBLISH)
                     .invoke_async(&mut c)
                     .await
             })
@@ -268,6 +270,7 @@ impl RedisTier {
                     .arg(token)
                     .arg(&channel)
                     .arg(key.hex())
+                    .arg(S::PUBLISH)
                     .invoke_async(&mut c)
                     .await
             })
@@ -305,6 +308,7 @@ impl RedisTier {
                     .arg(millis(marker_ttl))
                     .arg(&channel)
                     .arg(message)
+                    .arg(S::PUBLISH)
                     .invoke_async(&mut c)
                     .await
             })

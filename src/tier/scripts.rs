@@ -74,8 +74,9 @@ return 0",
 });
 
 /// Store-release-publish. KEYS[1] value, KEYS[2] lock; ARGV[1] token, ARGV[2] bytes,
-/// ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6] "1" to append the bytes to
-/// the message (waiters then need no read).
+/// ARGV[3] ttl ms, ARGV[4] channel (the key's), ARGV[5] message, ARGV[6] "1" to append the
+/// bytes to the message (waiters then need no read), ARGV[7] the publish command
+/// (`PUBLISH`, or `SPUBLISH` on a Cluster).
 /// A holder writes unless a newer envelope stands; a leader without the lock (its lease
 /// lapsed, or Redis did not answer its check) only where nothing or an older envelope
 /// stands. Newer is by `stored_at`, read from the standing envelope's header (layout at the
@@ -118,9 +119,9 @@ if (held and s ~= 'newer') or s == 'none' or s == 'older' then
 end
 if held then redis.call('DEL', KEYS[2]) end
 if stored ~= 0 and ARGV[6] == '1' then
-    redis.call('PUBLISH', ARGV[4], ARGV[5] .. value)
+    redis.call(ARGV[7], ARGV[4], ARGV[5] .. value)
 else
-    redis.call('PUBLISH', ARGV[4], ARGV[5])
+    redis.call(ARGV[7], ARGV[4], ARGV[5])
 end
 if held then return {1, stored} end
 return {0, stored}",
@@ -128,7 +129,8 @@ return {0, stored}",
 });
 
 /// Release-publish, for a fill that produced nothing. KEYS[1] lock; ARGV[1] token,
-/// ARGV[2] channel, ARGV[3] message. Returns 1 when the lock was still ours.
+/// ARGV[2] channel (the key's), ARGV[3] message, ARGV[4] the publish command. Returns 1
+/// when the lock was still ours.
 pub(crate) static RELEASE_PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"local held = 0
@@ -136,14 +138,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     held = 1
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call(ARGV[4], ARGV[2], ARGV[3])
 return held",
     )
 });
 
 /// Fail-release-publish, for a fill whose attempt failed. KEYS[1] lock, KEYS[2] failure
-/// marker; ARGV[1] token, ARGV[2] marker value, ARGV[3] marker ttl ms, ARGV[4] channel,
-/// ARGV[5] message. The marker tells the attempt's waiters whose wake-up was lost that it
+/// marker; ARGV[1] token, ARGV[2] marker value, ARGV[3] marker ttl ms, ARGV[4] channel
+/// (the key's), ARGV[5] message, ARGV[6] the publish command. The marker tells the attempt's waiters whose wake-up was lost that it
 /// failed; a refused marker write (OOM) never skips the release or the wake-up.
 /// Returns 1 when the lock was still ours.
 pub(crate) static FAIL_RELEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -154,7 +156,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     held = 1
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call(ARGV[6], ARGV[4], ARGV[5])
 return held",
     )
 });
@@ -167,7 +169,8 @@ if n == 0 or n > tonumber(ARGV[1]) then return false end
 return redis.call('GET', KEYS[1])";
 
 /// Remove-publish: deletes a value and tells every node to drop its copy. KEYS[1] value;
-/// ARGV[1] channel, ARGV[2] message.
+/// ARGV[1] channel (the broadcast one: a plain `PUBLISH` reaches every node, of a
+/// Cluster too), ARGV[2] message.
 pub(crate) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('DEL', KEYS[1])

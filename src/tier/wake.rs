@@ -435,8 +435,7 @@ pub(crate) async fn subscribe(
         if connected_at.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(50);
         }
-        tokio::time::sleep(jittered(backoff, backoff / 2)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff = jittered_backoff(backoff).await;
     }
 }
 
@@ -477,6 +476,32 @@ impl Live {
         }
         (add, remove)
     }
+
+    /// Whether `hash`'s channel is subscribed here.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn contains(&self, hash: &[u8; 32]) -> bool {
+        self.0.contains(hash)
+    }
+
+    /// Counts `hash`'s channel as not subscribed (its subscription failed or was dropped).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn forget(&mut self, hash: &[u8; 32]) {
+        self.0.remove(hash);
+    }
+
+    /// Counts every channel as not subscribed (the connection was replaced).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Sleeps `backoff` plus up to half of it, and returns the next backoff (doubled, at most
+/// one second).
+#[cfg(feature = "redis")]
+pub(crate) async fn jittered_backoff(backoff: Duration) -> Duration {
+    tokio::time::sleep(jittered(backoff, backoff / 2)).await;
+    (backoff * 2).min(Duration::from_secs(1))
 }
 
 /// Sleeps until `deadline`, or forever without one.
