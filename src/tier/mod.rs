@@ -35,6 +35,8 @@ pub(crate) mod local;
 pub(crate) mod redis;
 #[cfg(feature = "redis")]
 pub(crate) mod scripts;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod wake;
 
 #[cfg(feature = "redis")]
@@ -43,6 +45,8 @@ pub use conn::BackendError;
 pub use local::BackendError;
 
 pub use health::{BackendHealth, RedisProblem, RedisState};
+#[cfg(feature = "tls")]
+pub use tls::TlsOptions;
 pub(crate) use wake::{WakeSink, Wakers};
 
 /// Where the shared tier lives: nowhere (this process only) or Redis.
@@ -143,6 +147,27 @@ impl Backend {
         let source = cluster::ClusterSource::new(nodes);
         source.check()?;
         Ok(Backend(BackendKind::Cluster(Box::new(source))))
+    }
+
+    /// Uses `tls` for the `rediss://` connections of this backend (one Redis, a Cluster's
+    /// nodes, or the Redis behind Sentinel): a private CA, a client certificate. A
+    /// `rediss://` URL without it verifies against the system's roots. A certificate that
+    /// does not verify is an error at the first call (named by `check_backend()`), and
+    /// the node serves from its own memory meanwhile.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, tls: TlsOptions) -> ::redis::RedisResult<Self> {
+        let certs = tls.certificates();
+        Ok(Backend(match self.0 {
+            BackendKind::Local => BackendKind::Local,
+            BackendKind::Redis(client) => BackendKind::Redis(Box::new(
+                ::redis::Client::build_with_tls(client.get_connection_info().clone(), certs)?,
+            )),
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(mut source) => {
+                source.certs = Some(certs);
+                BackendKind::Cluster(source)
+            }
+        }))
     }
 }
 
@@ -296,6 +321,10 @@ pub(crate) struct TierConfig {
 impl Tier {
     pub(crate) fn new(backend: Backend, cfg: &TierConfig) -> Tier {
         let _ = cfg;
+        #[cfg(feature = "tls")]
+        if !matches!(backend.0, BackendKind::Local) {
+            tls::install_provider();
+        }
         match backend.0 {
             BackendKind::Local => Tier::Local(local::LocalTier::default()),
             #[cfg(feature = "redis")]
