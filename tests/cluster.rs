@@ -4,6 +4,9 @@
 
 mod support;
 
+#[path = "support/proxy_process.rs"]
+mod proxy_process;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,6 +125,19 @@ async fn a_cluster_coalesces_spreads_values_and_survives_a_failover() {
         assert_eq!(call.await.unwrap().unwrap(), "ada");
     }
     assert_eq!(inits.load(Ordering::SeqCst), 1, "one init across the nodes");
+
+    // The proxy on the cluster (`--redis-cluster URL,URL,...`): Redis answers it.
+    let urls = cluster.urls().join(",");
+    let proxy = tokio::task::spawn_blocking(move || {
+        proxy_process::Proxy::start(
+            "http://127.0.0.1:9",
+            &["--redis-cluster", &urls, "--require-redis"],
+        )
+        .output()
+    })
+    .await
+    .unwrap();
+    assert!(proxy.contains("(cluster) answered"), "{proxy}");
 
     // A master killed under load: every request answered (its keys fail open meanwhile).
     let load = Upstream::new(Duration::from_millis(20));

@@ -3,6 +3,9 @@
 
 mod support;
 
+#[path = "support/proxy_process.rs"]
+mod proxy_process;
+
 use std::time::Duration;
 
 use http::StatusCode;
@@ -79,6 +82,63 @@ async fn a_fleet_over_tls_coalesces_and_a_wrong_ca_is_named_and_fails_open() {
     let origin = Upstream::new(Duration::ZERO);
     let results = stampede(&[wrong.layer(origin.service())], &["/open"], 5).await;
     assert!(results.iter().all(|r| r.1 == StatusCode::OK), "fails open");
+
+    // The proxy's flags: the CA and client certificate from files; with a wrong CA and
+    // --require-redis it refuses to start, saying why.
+    let (ca, cert, key, wrong_ca) = (
+        tls.ca_pem_path(),
+        tls.client_cert_path(),
+        tls.client_key_path(),
+        tls.wrong_ca_pem_path(),
+    );
+    let args = |ca: &std::path::Path| -> Vec<String> {
+        [
+            "--redis",
+            tls.url().as_str(),
+            "--redis-ca",
+            ca.to_str().unwrap(),
+            "--redis-client-cert",
+            cert.to_str().unwrap(),
+            "--redis-client-key",
+            key.to_str().unwrap(),
+            "--require-redis",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let good = args(&ca);
+    let proxy = tokio::task::spawn_blocking(move || {
+        let good: Vec<&str> = good.iter().map(String::as_str).collect();
+        proxy_process::Proxy::start("http://127.0.0.1:9", &good).output()
+    })
+    .await
+    .unwrap();
+    assert!(proxy.contains("answered"), "{proxy}");
+    let mut refused = std::process::Command::new(proxy_process::proxy_binary());
+    refused
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .args(args(&wrong_ca))
+        .env("NO_COLOR", "1")
+        .env_remove("REDIS_URL");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || refused.output().unwrap()),
+    )
+    .await
+    .expect("the proxy exits")
+    .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("TLS handshake") && said.contains("UnknownIssuer"),
+        "{said}"
+    );
 
     // No client certificate where the server asks for one: named too.
     let without = node(&tls, tls_options(&tls, &tls.ca_pem_path(), false));

@@ -208,17 +208,23 @@ pub(crate) trait Source: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send + 'static;
 }
 
+/// A lazily connecting, reconnecting connection to `client`, its connects and answers
+/// bounded by `timeout`.
+pub(crate) fn manager(client: redis::Client, timeout: Duration) -> RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout.max(CONNECT_TIMEOUT)))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(timeout);
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
 impl Source for redis::Client {
     type Conn = ConnectionManager;
 
     async fn open(&self, timeout: Duration) -> RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout.max(CONNECT_TIMEOUT)))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(timeout);
-        ConnectionManager::new_lazy_with_config(self.clone(), config)
+        manager(self.clone(), timeout)
     }
 
     fn address(&self) -> String {
@@ -232,7 +238,11 @@ impl Source for redis::Client {
         sink: Weak<dyn WakeSink>,
         timeout: Duration,
     ) -> impl Future<Output = ()> + Send + 'static {
-        wake::subscribe(self, prefix, wakers, sink, timeout)
+        let connect = move || {
+            let client = self.clone();
+            async move { client.get_async_pubsub().await }
+        };
+        wake::subscribe(connect, prefix, wakers, sink, timeout)
     }
 }
 

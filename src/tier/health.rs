@@ -18,7 +18,7 @@ use super::Tier;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackendHealth {
-    /// `"local"`, `"redis"` or `"redis-cluster"`.
+    /// `"local"`, `"redis"`, `"redis-cluster"` or `"redis-sentinel"`.
     pub backend: &'static str,
     /// Where Redis is (`host:port`, or a socket path), never with its password; `None` for
     /// the local backend.
@@ -195,6 +195,8 @@ impl Tier {
             Tier::Redis(t) => t.health().await,
             #[cfg(feature = "cluster")]
             Tier::Cluster(t) => t.health().await,
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel(t) => t.health().await,
         }
     }
 }

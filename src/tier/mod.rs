@@ -11,6 +11,8 @@
 //!   round trip; wake-ups come through a supervised pub/sub subscription.
 //! * `cluster` (feature `cluster`): a Redis Cluster: the same scripts routed by their
 //!   keys' slot, wake-ups over sharded pub/sub.
+//! * `sentinel` (feature `sentinel`): one Redis whose master the sentinels name, followed
+//!   through failovers.
 //!
 //! This room imports nothing from `cache` or `http`: what it hears from Redis it hands
 //! upward through the [`WakeSink`] trait.
@@ -35,6 +37,8 @@ pub(crate) mod local;
 pub(crate) mod redis;
 #[cfg(feature = "redis")]
 pub(crate) mod scripts;
+#[cfg(feature = "sentinel")]
+pub(crate) mod sentinel;
 #[cfg(feature = "tls")]
 pub(crate) mod tls;
 pub(crate) mod wake;
@@ -66,6 +70,8 @@ pub(crate) enum BackendKind {
     Redis(Box<::redis::Client>),
     #[cfg(feature = "cluster")]
     Cluster(Box<cluster::ClusterSource>),
+    #[cfg(feature = "sentinel")]
+    Sentinel(Box<sentinel::SentinelSource>),
 }
 
 impl fmt::Debug for Backend {
@@ -81,6 +87,13 @@ impl fmt::Debug for Backend {
             BackendKind::Cluster(source) => {
                 use conn::Source;
                 f.debug_tuple("Backend::RedisCluster")
+                    .field(&source.address())
+                    .finish()
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(source) => {
+                use conn::Source;
+                f.debug_tuple("Backend::RedisSentinel")
                     .field(&source.address())
                     .finish()
             }
@@ -108,6 +121,11 @@ impl Backend {
     /// This process only: an in-memory L1 with per-key coalescing. No Redis needed.
     pub fn local() -> Self {
         Backend(BackendKind::Local)
+    }
+
+    /// Whether this is [`Backend::local`]: no shared tier.
+    pub fn is_local(&self) -> bool {
+        matches!(self.0, BackendKind::Local)
     }
 
     /// Redis at `url` (for example `redis://127.0.0.1:6379/0`) as the shared L2, lock and
@@ -149,6 +167,24 @@ impl Backend {
         Ok(Backend(BackendKind::Cluster(Box::new(source))))
     }
 
+    /// The Redis whose master the sentinels at `sentinels` (for example
+    /// `["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]`) name `master_name`. After a
+    /// failover the next call asks them again and goes to the promoted replica; calls
+    /// during the failover fail and are answered by the error policy (fail open by
+    /// default). Nothing connects until the first request.
+    #[cfg(feature = "sentinel")]
+    pub fn redis_sentinel<T: ::redis::IntoConnectionInfo>(
+        master_name: impl Into<String>,
+        sentinels: impl IntoIterator<Item = T>,
+    ) -> ::redis::RedisResult<Self> {
+        let sentinels = sentinels
+            .into_iter()
+            .map(|n| n.into_connection_info())
+            .collect::<::redis::RedisResult<Vec<_>>>()?;
+        let source = sentinel::SentinelSource::new(master_name.into(), sentinels)?;
+        Ok(Backend(BackendKind::Sentinel(Box::new(source))))
+    }
+
     /// Uses `tls` for the `rediss://` connections of this backend (one Redis, a Cluster's
     /// nodes, or the Redis behind Sentinel): a private CA, a client certificate. A
     /// `rediss://` URL without it verifies against the system's roots. A certificate that
@@ -166,6 +202,11 @@ impl Backend {
             BackendKind::Cluster(mut source) => {
                 source.certs = Some(certs);
                 BackendKind::Cluster(source)
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(mut source) => {
+                std::sync::Arc::make_mut(&mut source.config).certs = Some(certs);
+                BackendKind::Sentinel(source)
             }
         }))
     }
@@ -281,6 +322,8 @@ pub(crate) enum Tier {
     Redis(Box<redis::RedisTier>),
     #[cfg(feature = "cluster")]
     Cluster(Box<redis::RedisTier<cluster::ClusterSource>>),
+    #[cfg(feature = "sentinel")]
+    Sentinel(Box<redis::RedisTier<sentinel::SentinelSource>>),
 }
 
 impl fmt::Debug for Tier {
@@ -291,6 +334,8 @@ impl fmt::Debug for Tier {
             Tier::Redis(r) => write!(f, "redis at {}", r.address()),
             #[cfg(feature = "cluster")]
             Tier::Cluster(r) => write!(f, "redis cluster at {}", r.address()),
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel(r) => write!(f, "redis {}", r.address()),
         }
     }
 }
@@ -305,6 +350,8 @@ macro_rules! on_redis {
             Tier::Redis($t) => $body,
             #[cfg(feature = "cluster")]
             Tier::Cluster($t) => $body,
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel($t) => $body,
         }
     };
 }
@@ -334,6 +381,10 @@ impl Tier {
             #[cfg(feature = "cluster")]
             BackendKind::Cluster(source) => {
                 Tier::Cluster(Box::new(redis::RedisTier::new(*source, cfg)))
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(source) => {
+                Tier::Sentinel(Box::new(redis::RedisTier::new(*source, cfg)))
             }
         }
     }

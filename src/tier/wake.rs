@@ -373,19 +373,22 @@ where
 /// key hashes in hex, possibly followed by a tail; the handling of each is bounded and
 /// guarded, so no message can end the subscription.
 #[cfg(feature = "redis")]
-pub(crate) async fn subscribe(
-    client: redis::Client,
+pub(crate) async fn subscribe<C, F>(
+    mut connect: C,
     prefix: String,
     wakers: Arc<Wakers>,
     sink: Weak<dyn WakeSink>,
     timeout: Duration,
-) {
+) where
+    C: FnMut() -> F,
+    F: Future<Output = redis::RedisResult<redis::aio::PubSub>>,
+{
     let broadcast = broadcast_channel(&prefix);
     let limit = timeout.max(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(50);
     loop {
         let session = async {
-            let pubsub = bounded(limit, client.get_async_pubsub()).await?;
+            let pubsub = bounded(limit, connect()).await?;
             let (mut subs, mut messages) = pubsub.split();
             bounded(limit, subs.subscribe(&broadcast)).await?;
             tracing::debug!(channel = %broadcast, "subscribed to wake-ups");
