@@ -24,13 +24,10 @@ async fn output_bytes(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
         .expect("total_net_output_bytes in INFO stats")
 }
 
-/// Polls `what` (a small reply each time) until it is `want`, bounded.
-async fn until<T: PartialEq + std::fmt::Debug>(
-    conn: &mut redis::aio::MultiplexedConnection,
-    cmd: &redis::Cmd,
-    want: T,
-) where
-    T: redis::FromRedisValue,
+/// Runs `cmd` (a small reply each time) until it answers `want`, bounded.
+async fn until<T>(conn: &mut redis::aio::MultiplexedConnection, cmd: &redis::Cmd, want: T)
+where
+    T: PartialEq + std::fmt::Debug + redis::FromRedisValue,
 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
