@@ -127,9 +127,38 @@ struct Args {
     #[arg(long, env = "REDIS_URL")]
     redis: Option<String>,
 
+    /// A Redis Cluster instead of one Redis: some of its nodes' URLs, comma-separated
+    /// (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`; the rest are discovered).
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "redis")]
+    redis_cluster: Vec<String>,
+
+    /// Redis behind Sentinel instead of one Redis: the master's name, `@`, the sentinels'
+    /// URLs comma-separated (`mymaster@redis://10.0.0.1:26379,redis://10.0.0.2:26379`).
+    #[cfg(feature = "sentinel")]
+    #[arg(long, conflicts_with = "redis")]
+    redis_sentinel: Option<String>,
+
+    /// For `rediss://` URLs: verify the server against this CA certificate (PEM) instead
+    /// of the system's roots.
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "FILE")]
+    redis_ca: Option<std::path::PathBuf>,
+
+    /// For `rediss://` URLs: present this client certificate (PEM) to a server that asks
+    /// for one; needs `--redis-client-key`.
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "FILE", requires = "redis_client_key")]
+    redis_client_cert: Option<std::path::PathBuf>,
+
+    /// The key (PEM) of `--redis-client-cert`.
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "FILE", requires = "redis_client_cert")]
+    redis_client_key: Option<std::path::PathBuf>,
+
     /// Fail at start-up (non-zero exit) unless Redis answers. Without it a proxy whose Redis
     /// is down starts anyway and serves from its own memory until Redis answers.
-    #[arg(long, requires = "redis")]
+    #[arg(long)]
     require_redis: bool,
 
     /// Log lines as `text` (default) or `json` (one object a line).
@@ -284,16 +313,10 @@ async fn run(args: Args) -> Result<(), BoxError> {
         None => None,
     };
 
-    let backend = match &args.redis {
-        Some(url) => {
-            tracing::info!(redis = %redact(url), prefix = %args.prefix, "shared cache and cross-node coalescing through redis");
-            Backend::redis(url.as_str())?
-        }
-        None => {
-            tracing::info!("no --redis: caching and coalescing within this process only; cross-node coalescing needs Redis");
-            Backend::local()
-        }
-    };
+    let backend = backend(&args)?;
+    if args.require_redis && backend.is_local() {
+        return Err("--require-redis needs --redis (or --redis-cluster, --redis-sentinel)".into());
+    }
 
     let origin_key = origin.base.clone();
     let key_host = args.key_host;
@@ -1102,6 +1125,60 @@ fn boxed_full(body: Full<Bytes>) -> ProxyBody {
 }
 
 /// A Redis URL without its password, for logs.
+/// The backend the flags name: one Redis, a Cluster, Sentinel, or none; with TLS material
+/// for `rediss://` URLs.
+fn backend(args: &Args) -> Result<Backend, BoxError> {
+    let mut backend = None;
+    if let Some(url) = &args.redis {
+        tracing::info!(redis = %redact(url), prefix = %args.prefix, "shared cache and cross-node coalescing through redis");
+        backend = Some(Backend::redis(url.as_str())?);
+    }
+    #[cfg(feature = "cluster")]
+    if !args.redis_cluster.is_empty() {
+        let shown: Vec<String> = args.redis_cluster.iter().map(|u| redact(u)).collect();
+        tracing::info!(cluster = ?shown, prefix = %args.prefix, "shared cache and cross-node coalescing through a redis cluster");
+        backend = Some(Backend::redis_cluster(
+            args.redis_cluster.iter().map(String::as_str),
+        )?);
+    }
+    #[cfg(feature = "sentinel")]
+    if let Some(spec) = &args.redis_sentinel {
+        let (name, urls) = spec
+            .split_once('@')
+            .ok_or("--redis-sentinel wants NAME@URL,URL,...")?;
+        let urls: Vec<&str> = urls.split(',').filter(|u| !u.is_empty()).collect();
+        if name.is_empty() || urls.is_empty() {
+            return Err("--redis-sentinel wants NAME@URL,URL,...".into());
+        }
+        let shown: Vec<String> = urls.iter().map(|u| redact(u)).collect();
+        tracing::info!(master = name, sentinels = ?shown, prefix = %args.prefix, "shared cache and cross-node coalescing through redis behind sentinel");
+        backend = Some(Backend::redis_sentinel(name, urls)?);
+    }
+    let Some(backend) = backend else {
+        tracing::info!("no --redis: caching and coalescing within this process only; cross-node coalescing needs Redis");
+        return Ok(Backend::local());
+    };
+    #[cfg(feature = "tls")]
+    let backend = {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+        };
+        let mut tls = None;
+        if let Some(ca) = &args.redis_ca {
+            tls = Some(tower_stampede::TlsOptions::new().ca_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&args.redis_client_cert, &args.redis_client_key) {
+            let options = tls.take().unwrap_or_default();
+            tls = Some(options.client_cert(read(cert)?, read(key)?));
+        }
+        match tls {
+            Some(tls) => backend.with_tls(tls)?,
+            None => backend,
+        }
+    };
+    Ok(backend)
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {

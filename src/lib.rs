@@ -15,6 +15,8 @@ pub use http::{
     StampedeBuilder, StampedeLayer,
 };
 pub use stats::Stats;
+#[cfg(feature = "tls")]
+pub use tier::TlsOptions;
 pub use tier::{Backend, BackendError, BackendHealth, RedisProblem, RedisState};
 
 /// Internals for the benchmarks in `benches/` (feature `__bench`); not part of the API.

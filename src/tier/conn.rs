@@ -4,11 +4,14 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::RedisResult;
+use tokio::sync::OnceCell;
+
+use super::wake::{self, WakeSink, Wakers};
 
 /// Why a call to Redis did not produce an answer.
 #[derive(Debug, thiserror::Error)]
@@ -175,15 +178,83 @@ impl Breaker {
     }
 }
 
+/// Where a handle's connections come from: one Redis (a [`redis::Client`]) or a Redis
+/// Cluster. A connection reconnects by itself; its commands are routed by their keys.
+pub(crate) trait Source: Clone + Send + Sync + 'static {
+    /// A connection handle: cheap to clone, shared by concurrent calls.
+    type Conn: ConnectionLike + Clone + Send + Sync + 'static;
+
+    /// The command a script publishes a key's wake-up with: `PUBLISH`, or `SPUBLISH` on a
+    /// Cluster (the key's channel lives in the key's slot).
+    const PUBLISH: &'static str = "PUBLISH";
+
+    /// What the health check calls this backend.
+    const KIND: &'static str = "redis";
+
+    /// Opens a connection handle whose connects and answers are bounded by `timeout`.
+    fn open(&self, timeout: Duration) -> impl Future<Output = RedisResult<Self::Conn>> + Send;
+
+    /// Where the connections go, for logs: never a password.
+    fn address(&self) -> String;
+
+    /// One run of the node's wake-up subscription (see [`wake::subscribe`]): it returns
+    /// when the cache is gone, and is started again by its supervisor otherwise.
+    fn subscription(
+        self,
+        prefix: String,
+        wakers: Arc<Wakers>,
+        sink: Weak<dyn WakeSink>,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A lazily connecting, reconnecting connection to `client`, its connects and answers
+/// bounded by `timeout`.
+pub(crate) fn manager(client: redis::Client, timeout: Duration) -> RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout.max(CONNECT_TIMEOUT)))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(10))
+        .set_max_delay(timeout);
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+impl Source for redis::Client {
+    type Conn = ConnectionManager;
+
+    async fn open(&self, timeout: Duration) -> RedisResult<ConnectionManager> {
+        manager(self.clone(), timeout)
+    }
+
+    fn address(&self) -> String {
+        super::redacted(self)
+    }
+
+    fn subscription(
+        self,
+        prefix: String,
+        wakers: Arc<Wakers>,
+        sink: Weak<dyn WakeSink>,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let connect = move || {
+            let client = self.clone();
+            async move { client.get_async_pubsub().await }
+        };
+        wake::subscribe(connect, prefix, wakers, sink, timeout)
+    }
+}
+
 /// A cheap-to-share Redis handle: connects on first use, never blocks start-up.
 #[derive(Debug)]
-pub(crate) struct RedisConn {
-    client: redis::Client,
+pub(crate) struct RedisConn<S: Source = redis::Client> {
+    client: S,
     /// Scripts and writes.
-    manager: OnceLock<ConnectionManager>,
+    manager: OnceCell<S::Conn>,
     /// Read-only calls made while a write stalls: a blocked script holds back every later
     /// command on its connection, so reads get one of their own. Opened at the first stall.
-    reader: OnceLock<ConnectionManager>,
+    reader: OnceCell<S::Conn>,
     timeout: Duration,
     breaker: Breaker,
     /// Set by the first answer: until then calls may also wait for the connection and
@@ -213,19 +284,19 @@ impl BackendError {
     }
 }
 
-impl RedisConn {
-    pub(crate) fn new(client: redis::Client, timeout: Duration, breaker: Breaker) -> Self {
+impl<S: Source> RedisConn<S> {
+    pub(crate) fn new(client: S, timeout: Duration, breaker: Breaker) -> Self {
         Self {
             client,
-            manager: OnceLock::new(),
-            reader: OnceLock::new(),
+            manager: OnceCell::new(),
+            reader: OnceCell::new(),
             timeout,
             breaker,
             warm: AtomicBool::new(false),
         }
     }
 
-    pub(crate) fn client(&self) -> &redis::Client {
+    pub(crate) fn client(&self) -> &S {
         &self.client
     }
 
@@ -237,18 +308,13 @@ impl RedisConn {
         &self.breaker
     }
 
-    fn manager_in(&self, cell: &OnceLock<ConnectionManager>) -> RedisResult<ConnectionManager> {
+    async fn manager_in(&self, cell: &OnceCell<S::Conn>) -> RedisResult<S::Conn> {
         if let Some(m) = cell.get() {
             return Ok(m.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(CONNECT_TIMEOUT)))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(self.timeout);
-        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
-        Ok(cell.get_or_init(|| m).clone())
+        cell.get_or_try_init(|| self.client.open(self.timeout))
+            .await
+            .cloned()
     }
 
     fn deadline(&self) -> Duration {
@@ -263,16 +329,16 @@ impl RedisConn {
     /// consulted.
     async fn call<T, F, Fut>(
         &self,
-        cell: &OnceLock<ConnectionManager>,
+        cell: &OnceCell<S::Conn>,
         deadline: Duration,
         op: F,
     ) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(S::Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let conn = self.manager_in(cell)?;
-        match tokio::time::timeout(deadline, op(conn)).await {
+        let attempt = async { op(self.manager_in(cell).await?).await };
+        match tokio::time::timeout(deadline, attempt).await {
             Ok(Ok(v)) => {
                 self.warm.store(true, Ordering::Relaxed);
                 Ok(v)
@@ -315,7 +381,7 @@ impl RedisConn {
     /// Runs one Redis operation under the deadline and the breaker.
     pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(S::Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let permit = self.permit()?;
@@ -336,9 +402,9 @@ impl RedisConn {
         read: G,
     ) -> Result<Raced<W, R>, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(S::Conn) -> Fut,
         Fut: Future<Output = RedisResult<W>>,
-        G: FnOnce(ConnectionManager) -> Gut,
+        G: FnOnce(S::Conn) -> Gut,
         Gut: Future<Output = RedisResult<Option<R>>>,
     {
         let permit = self.permit()?;
@@ -393,7 +459,7 @@ impl RedisConn {
     /// a write held back by a write pause is not a dead Redis.
     pub(crate) async fn run_always<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(S::Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.call(&self.manager, self.deadline(), op).await

@@ -18,7 +18,7 @@ use super::Tier;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BackendHealth {
-    /// `"local"` or `"redis"`.
+    /// `"local"`, `"redis"`, `"redis-cluster"` or `"redis-sentinel"`.
     pub backend: &'static str,
     /// Where Redis is (`host:port`, or a socket path), never with its password; `None` for
     /// the local backend.
@@ -53,6 +53,10 @@ pub enum RedisProblem {
     WrongPassword,
     /// Redis wants a password and the URL has none (`NOAUTH`).
     PasswordRequired,
+    /// The TLS handshake failed: the server's certificate does not verify against the CA
+    /// (for instance `invalid peer certificate: UnknownIssuer`), or the server refused
+    /// ours. The cause as rustls said it.
+    Tls(String),
     /// Redis answered with another error, as it said it.
     Other(String),
 }
@@ -68,12 +72,14 @@ impl BackendHealth {
     }
 
     /// Logs the finding: INFO when Redis answered (or is not used), ERROR when it refused
-    /// our credentials (a setting to fix), WARN otherwise.
+    /// our credentials or TLS failed (a setting to fix), WARN otherwise.
     pub(crate) fn log(&self) {
         let redis = self.address();
         match &self.redis {
             RedisState::NotUsed | RedisState::Up => tracing::info!(redis = %redis, "{self}"),
-            RedisState::Down(RedisProblem::WrongPassword | RedisProblem::PasswordRequired) => {
+            RedisState::Down(
+                RedisProblem::WrongPassword | RedisProblem::PasswordRequired | RedisProblem::Tls(_),
+            ) => {
                 tracing::error!(redis = %redis, "{self}")
             }
             RedisState::Down(_) => tracing::warn!(redis = %redis, "{self}"),
@@ -99,6 +105,10 @@ impl fmt::Display for BackendHealth {
             RedisState::Down(RedisProblem::PasswordRequired) => {
                 f.write_str("redis requires a password: add it to the URL")
             }
+            RedisState::Down(RedisProblem::Tls(cause)) => write!(
+                f,
+                "redis at {addr} failed the TLS handshake: {cause}: check the CA and the client certificate; {FALLBACK}"
+            ),
             RedisState::Down(RedisProblem::Other(error)) => {
                 write!(f, "redis at {addr} answered an error: {error}; {FALLBACK}")
             }
@@ -129,6 +139,18 @@ pub(crate) fn classify(error: &BackendError) -> RedisProblem {
     // The io error itself is not reachable through the redis error (it sits behind an
     // `Arc`), but its kind is, and its text names the rest ("connection reset", "host
     // unreachable").
+    let text = e.to_string();
+    if [
+        "invalid peer certificate",
+        "CertificateRequired",
+        "tls handshake",
+        "TLS handshake",
+    ]
+    .iter()
+    .any(|t| text.contains(t))
+    {
+        return RedisProblem::Tls(text);
+    }
     if e.is_connection_refusal() {
         return RedisProblem::Unreachable("connection refused".to_owned());
     }
@@ -139,6 +161,22 @@ pub(crate) fn classify(error: &BackendError) -> RedisProblem {
         return RedisProblem::Unreachable(e.to_string());
     }
     RedisProblem::Other(e.to_string())
+}
+
+#[cfg(feature = "redis")]
+impl<S: super::conn::Source> super::redis::RedisTier<S> {
+    async fn health(&self) -> BackendHealth {
+        let ping = self.ping().await;
+        BackendHealth {
+            backend: S::KIND,
+            address: Some(self.address()),
+            redis: match ping {
+                Ok(()) => RedisState::Up,
+                Err(e) => RedisState::Down(classify(&e)),
+            },
+            breaker_open: self.breaker_open(),
+        }
+    }
 }
 
 impl Tier {
@@ -154,18 +192,11 @@ impl Tier {
                 breaker_open: false,
             },
             #[cfg(feature = "redis")]
-            Tier::Redis(t) => {
-                let ping = t.ping().await;
-                BackendHealth {
-                    backend: "redis",
-                    address: Some(t.address()),
-                    redis: match ping {
-                        Ok(()) => RedisState::Up,
-                        Err(e) => RedisState::Down(classify(&e)),
-                    },
-                    breaker_open: t.breaker_open(),
-                }
-            }
+            Tier::Redis(t) => t.health().await,
+            #[cfg(feature = "cluster")]
+            Tier::Cluster(t) => t.health().await,
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel(t) => t.health().await,
         }
     }
 }

@@ -9,6 +9,10 @@
 //!   wake-ups by direct notification. The embedded default: no Redis.
 //! * `redis` (feature `redis`): one Redis. Every primitive is one Lua script, so one
 //!   round trip; wake-ups come through a supervised pub/sub subscription.
+//! * `cluster` (feature `cluster`): a Redis Cluster: the same scripts routed by their
+//!   keys' slot, wake-ups over sharded pub/sub.
+//! * `sentinel` (feature `sentinel`): one Redis whose master the sentinels name, followed
+//!   through failovers.
 //!
 //! This room imports nothing from `cache` or `http`: what it hears from Redis it hands
 //! upward through the [`WakeSink`] trait.
@@ -23,6 +27,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+#[cfg(feature = "cluster")]
+pub(crate) mod cluster;
 #[cfg(feature = "redis")]
 pub(crate) mod conn;
 pub(crate) mod health;
@@ -31,6 +37,10 @@ pub(crate) mod local;
 pub(crate) mod redis;
 #[cfg(feature = "redis")]
 pub(crate) mod scripts;
+#[cfg(feature = "sentinel")]
+pub(crate) mod sentinel;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
 pub(crate) mod wake;
 
 #[cfg(feature = "redis")]
@@ -39,6 +49,8 @@ pub use conn::BackendError;
 pub use local::BackendError;
 
 pub use health::{BackendHealth, RedisProblem, RedisState};
+#[cfg(feature = "tls")]
+pub use tls::TlsOptions;
 pub(crate) use wake::{WakeSink, Wakers};
 
 /// Where the shared tier lives: nowhere (this process only) or Redis.
@@ -56,6 +68,10 @@ pub(crate) enum BackendKind {
     Local,
     #[cfg(feature = "redis")]
     Redis(Box<::redis::Client>),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<cluster::ClusterSource>),
+    #[cfg(feature = "sentinel")]
+    Sentinel(Box<sentinel::SentinelSource>),
 }
 
 impl fmt::Debug for Backend {
@@ -67,6 +83,20 @@ impl fmt::Debug for Backend {
                 .debug_tuple("Backend::Redis")
                 .field(&redacted(client))
                 .finish(),
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(source) => {
+                use conn::Source;
+                f.debug_tuple("Backend::RedisCluster")
+                    .field(&source.address())
+                    .finish()
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(source) => {
+                use conn::Source;
+                f.debug_tuple("Backend::RedisSentinel")
+                    .field(&source.address())
+                    .finish()
+            }
         }
     }
 }
@@ -74,7 +104,13 @@ impl fmt::Debug for Backend {
 /// The address of a Redis client, for logs: never its password.
 #[cfg(feature = "redis")]
 pub(crate) fn redacted(client: &::redis::Client) -> String {
-    match client.get_connection_info().addr() {
+    address_of(client.get_connection_info().addr())
+}
+
+/// `host:port` (or a socket path): never a password.
+#[cfg(feature = "redis")]
+pub(crate) fn address_of(addr: &::redis::ConnectionAddr) -> String {
+    match addr {
         ::redis::ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
         ::redis::ConnectionAddr::TcpTls { host, port, .. } => format!("{host}:{port}"),
         other => other.to_string(),
@@ -85,6 +121,11 @@ impl Backend {
     /// This process only: an in-memory L1 with per-key coalescing. No Redis needed.
     pub fn local() -> Self {
         Backend(BackendKind::Local)
+    }
+
+    /// Whether this is [`Backend::local`]: no shared tier.
+    pub fn is_local(&self) -> bool {
+        matches!(self.0, BackendKind::Local)
     }
 
     /// Redis at `url` (for example `redis://127.0.0.1:6379/0`) as the shared L2, lock and
@@ -98,6 +139,76 @@ impl Backend {
     #[cfg(feature = "redis")]
     pub fn redis_client(client: ::redis::Client) -> Self {
         Backend(BackendKind::Redis(Box::new(client)))
+    }
+
+    /// A Redis Cluster reached through any of `nodes` (for example
+    /// `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`; the others are discovered).
+    /// Each key's value, lock and wake-up channel live in one slot, so every primitive is
+    /// still one script on one master, and a key's wake-ups go over sharded pub/sub to the
+    /// nodes waiting on it. Nothing connects until the first request.
+    ///
+    /// ```no_run
+    /// let cluster = tower_stampede::Backend::redis_cluster([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    /// ])
+    /// .unwrap();
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn redis_cluster<T: ::redis::IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> ::redis::RedisResult<Self> {
+        let nodes = nodes
+            .into_iter()
+            .map(|n| n.into_connection_info())
+            .collect::<::redis::RedisResult<Vec<_>>>()?;
+        let source = cluster::ClusterSource::new(nodes);
+        source.check()?;
+        Ok(Backend(BackendKind::Cluster(Box::new(source))))
+    }
+
+    /// The Redis whose master the sentinels at `sentinels` (for example
+    /// `["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]`) name `master_name`. After a
+    /// failover the next call asks them again and goes to the promoted replica; calls
+    /// during the failover fail and are answered by the error policy (fail open by
+    /// default). Nothing connects until the first request.
+    #[cfg(feature = "sentinel")]
+    pub fn redis_sentinel<T: ::redis::IntoConnectionInfo>(
+        master_name: impl Into<String>,
+        sentinels: impl IntoIterator<Item = T>,
+    ) -> ::redis::RedisResult<Self> {
+        let sentinels = sentinels
+            .into_iter()
+            .map(|n| n.into_connection_info())
+            .collect::<::redis::RedisResult<Vec<_>>>()?;
+        let source = sentinel::SentinelSource::new(master_name.into(), sentinels)?;
+        Ok(Backend(BackendKind::Sentinel(Box::new(source))))
+    }
+
+    /// Uses `tls` for the `rediss://` connections of this backend (one Redis, a Cluster's
+    /// nodes, or the Redis behind Sentinel): a private CA, a client certificate. A
+    /// `rediss://` URL without it verifies against the system's roots. A certificate that
+    /// does not verify is an error at the first call (named by `check_backend()`), and
+    /// the node serves from its own memory meanwhile.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(self, tls: TlsOptions) -> ::redis::RedisResult<Self> {
+        let certs = tls.certificates();
+        Ok(Backend(match self.0 {
+            BackendKind::Local => BackendKind::Local,
+            BackendKind::Redis(client) => BackendKind::Redis(Box::new(
+                ::redis::Client::build_with_tls(client.get_connection_info().clone(), certs)?,
+            )),
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(mut source) => {
+                source.certs = Some(certs);
+                BackendKind::Cluster(source)
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(mut source) => {
+                std::sync::Arc::make_mut(&mut source.config).certs = Some(certs);
+                BackendKind::Sentinel(source)
+            }
+        }))
     }
 }
 
@@ -232,6 +343,10 @@ pub(crate) enum Tier {
     Local(local::LocalTier),
     #[cfg(feature = "redis")]
     Redis(Box<redis::RedisTier>),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<redis::RedisTier<cluster::ClusterSource>>),
+    #[cfg(feature = "sentinel")]
+    Sentinel(Box<redis::RedisTier<sentinel::SentinelSource>>),
 }
 
 impl fmt::Debug for Tier {
@@ -240,8 +355,28 @@ impl fmt::Debug for Tier {
             Tier::Local(_) => f.write_str("local"),
             #[cfg(feature = "redis")]
             Tier::Redis(r) => write!(f, "redis at {}", r.address()),
+            #[cfg(feature = "cluster")]
+            Tier::Cluster(r) => write!(f, "redis cluster at {}", r.address()),
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel(r) => write!(f, "redis {}", r.address()),
         }
     }
+}
+
+/// Runs `$body` with `$t` bound to the Redis tier of whichever Redis variant `$tier` is
+/// (one Redis or a Cluster: the same code, generic over the connection).
+macro_rules! on_redis {
+    ($tier:expr, $t:ident => $body:expr, local $l:pat => $local:expr) => {
+        match $tier {
+            Tier::Local($l) => $local,
+            #[cfg(feature = "redis")]
+            Tier::Redis($t) => $body,
+            #[cfg(feature = "cluster")]
+            Tier::Cluster($t) => $body,
+            #[cfg(feature = "sentinel")]
+            Tier::Sentinel($t) => $body,
+        }
+    };
 }
 
 /// How a Redis tier is set up.
@@ -259,31 +394,35 @@ pub(crate) struct TierConfig {
 impl Tier {
     pub(crate) fn new(backend: Backend, cfg: &TierConfig) -> Tier {
         let _ = cfg;
+        #[cfg(feature = "tls")]
+        if !matches!(backend.0, BackendKind::Local) {
+            tls::install_provider();
+        }
         match backend.0 {
             BackendKind::Local => Tier::Local(local::LocalTier::default()),
             #[cfg(feature = "redis")]
             BackendKind::Redis(client) => {
                 Tier::Redis(Box::new(redis::RedisTier::new(*client, cfg)))
             }
+            #[cfg(feature = "cluster")]
+            BackendKind::Cluster(source) => {
+                Tier::Cluster(Box::new(redis::RedisTier::new(*source, cfg)))
+            }
+            #[cfg(feature = "sentinel")]
+            BackendKind::Sentinel(source) => {
+                Tier::Sentinel(Box::new(redis::RedisTier::new(*source, cfg)))
+            }
         }
     }
 
     /// The waiters of this process, by key.
     pub(crate) fn wakers(&self) -> &Arc<Wakers> {
-        match self {
-            Tier::Local(t) => &t.wakers,
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => &t.wakers,
-        }
+        on_redis!(self, t => &t.wakers, local t => &t.wakers)
     }
 
     /// Starts hearing wake-ups for `sink` (once; later calls do nothing).
     pub(crate) fn ensure_subscribed(&self, sink: std::sync::Weak<dyn WakeSink>) {
-        match self {
-            Tier::Local(_) => drop(sink),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.ensure_subscribed(sink),
-        }
+        on_redis!(self, t => t.ensure_subscribed(sink), local _ => drop(sink))
     }
 
     pub(crate) async fn check_and_lock(
@@ -292,11 +431,8 @@ impl Tier {
         token: &str,
         opts: CheckOpts<'_>,
     ) -> Result<Check, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.check_and_lock(key, token, opts.lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.check_and_lock(key, token, opts).await,
-        }
+        on_redis!(self, t => t.check_and_lock(key, token, opts).await,
+            local t => Ok(t.check_and_lock(key, token, opts.lease)))
     }
 
     /// Stores `bytes` for `ttl` (unless a newer entry, by `stored_at`, stands, or the key
@@ -314,23 +450,14 @@ impl Tier {
     ) -> Result<bool, BackendError> {
         #[cfg(not(feature = "redis"))]
         let _ = (bytes, ttl, generation, tags);
-        match self {
-            Tier::Local(t) => Ok(t.release(key, token)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => {
-                t.store_release(key, token, bytes, ttl, generation, tags)
-                    .await
-            }
-        }
+        on_redis!(self, t => t.store_release(key, token, bytes, ttl, generation, tags).await,
+            local t => Ok(t.release(key, token)))
     }
 
     /// Releases (if still ours) and wakes the waiters, for a fill with nothing to store.
     pub(crate) async fn release(&self, key: &KeyHash, token: &str) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.release(key, token)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.release_publish(key, token).await,
-        }
+        on_redis!(self, t => t.release_publish(key, token).await,
+            local t => Ok(t.release(key, token)))
     }
 
     /// Leaves a failure marker for `marker_ttl`, releases and tells the waiters that the
@@ -344,11 +471,8 @@ impl Tier {
     ) -> Result<bool, BackendError> {
         #[cfg(not(feature = "redis"))]
         let _ = marker_ttl;
-        match self {
-            Tier::Local(t) => Ok(t.fail_release(key, token, status)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.fail_release(key, token, status, marker_ttl).await,
-        }
+        on_redis!(self, t => t.fail_release(key, token, status, marker_ttl).await,
+            local t => Ok(t.fail_release(key, token, status)))
     }
 
     /// Extends the lease if `token` still holds the lock.
@@ -358,11 +482,8 @@ impl Tier {
         token: &str,
         lease: Duration,
     ) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.locks.extend(key.0, token, lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.extend(key, token, lease).await,
-        }
+        on_redis!(self, t => t.extend(key, token, lease).await,
+            local t => Ok(t.locks.extend(key.0, token, lease)))
     }
 
     /// Takes over a lock still held by `old` (one with no expiry, or a lease no holder of
@@ -374,11 +495,8 @@ impl Tier {
         token: &str,
         lease: Duration,
     ) -> Result<bool, BackendError> {
-        match self {
-            Tier::Local(t) => Ok(t.locks.takeover(key.0, old, token, lease)),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.takeover(key, old, token, lease).await,
-        }
+        on_redis!(self, t => t.takeover(key, old, token, lease).await,
+            local t => Ok(t.locks.takeover(key.0, old, token, lease)))
     }
 
     /// Purges the stored value: it leaves the tier, a fill that started before does not
@@ -390,11 +508,7 @@ impl Tier {
         generation_ttl: Duration,
     ) -> Result<(), BackendError> {
         let _ = (key, generation_ttl);
-        match self {
-            Tier::Local(_) => Ok(()),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.remove(key, generation_ttl).await,
-        }
+        on_redis!(self, t => t.remove(key, generation_ttl).await, local _ => Ok(()))
     }
 
     /// Purges every value recorded under `tag`; returns how many the tier held.
@@ -405,20 +519,12 @@ impl Tier {
         generation_ttl: Duration,
     ) -> Result<u64, BackendError> {
         let _ = (tag, tag_hash, generation_ttl);
-        match self {
-            Tier::Local(_) => Ok(0),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.purge_tag(tag, tag_hash, generation_ttl).await,
-        }
+        on_redis!(self, t => t.purge_tag(tag, tag_hash, generation_ttl).await, local _ => Ok(0))
     }
 
     /// The purge epoch: how many purges the tier has seen (local: none).
     pub(crate) async fn epoch(&self) -> Result<u64, BackendError> {
-        match self {
-            Tier::Local(_) => Ok(0),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.epoch().await,
-        }
+        on_redis!(self, t => t.epoch().await, local _ => Ok(0))
     }
 
     /// Reads a value without taking the lock (local: there is no shared copy).
@@ -428,11 +534,7 @@ impl Tier {
         max_value: usize,
     ) -> Result<Option<Bytes>, BackendError> {
         let _ = (key, max_value);
-        match self {
-            Tier::Local(_) => Ok(None),
-            #[cfg(feature = "redis")]
-            Tier::Redis(t) => t.read(key, max_value).await,
-        }
+        on_redis!(self, t => t.read(key, max_value).await, local _ => Ok(None))
     }
 }
 

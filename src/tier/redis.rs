@@ -3,8 +3,9 @@
 //! through one supervised pub/sub subscription per node.
 //!
 //! Keys: `prefix:{hash}:v` (value), `prefix:{hash}:lock`, `prefix:{hash}:fail` (the short
-//! failure marker of an attempt): the hash tag keeps them in one Cluster slot. Channel:
-//! `prefix:ready`.
+//! failure marker of an attempt): the hash tag keeps them in one Cluster slot. Channels:
+//! `prefix:{hash}:wake` for the key's wake-ups (heard by the nodes waiting on it),
+//! `prefix:ready` for invalidations (heard by every node).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -14,14 +15,21 @@ use bytes::Bytes;
 use redis::Value;
 use tokio::sync::oneshot;
 
-use super::conn::{BackendError, Breaker, Raced, RedisConn};
+use super::conn::{BackendError, Breaker, Raced, RedisConn, Source};
 use super::wake::{self, WakeSink};
 use super::{millis, scripts, Check, CheckOpts, Generation, KeyHash, TierConfig, Wakers};
 
-pub(crate) struct RedisTier {
-    pub(crate) conn: RedisConn,
+/// The shortest and longest a node hears a key it holds no waiter on, after finding its
+/// lock held (a background refresh): the other fill's wake-up replaces its stale copy.
+pub(crate) const LINGER_MIN: Duration = Duration::from_secs(1);
+pub(crate) const LINGER_MAX: Duration = Duration::from_secs(10);
+
+/// A Redis tier on one Redis or (with `S` a Cluster source) on a Redis Cluster: the same
+/// scripts, routed by their keys, which share one hash tag.
+pub(crate) struct RedisTier<S: Source = redis::Client> {
+    pub(crate) conn: RedisConn<S>,
     prefix: String,
-    channel: String,
+    broadcast: String,
     pub(crate) wakers: Arc<Wakers>,
     subscribed: AtomicBool,
     purge_check: Duration,
@@ -44,8 +52,8 @@ fn unexpected(what: &str) -> BackendError {
     )))
 }
 
-impl RedisTier {
-    pub(crate) fn new(client: redis::Client, cfg: &TierConfig) -> Self {
+impl<S: Source> RedisTier<S> {
+    pub(crate) fn new(client: S, cfg: &TierConfig) -> Self {
         RedisTier {
             conn: RedisConn::new(
                 client,
@@ -53,7 +61,7 @@ impl RedisTier {
                 Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
             ),
             prefix: cfg.prefix.clone(),
-            channel: format!("{}:ready", cfg.prefix),
+            broadcast: wake::broadcast_channel(&cfg.prefix),
             wakers: Arc::default(),
             subscribed: AtomicBool::new(false),
             purge_check: cfg.purge_check,
@@ -63,7 +71,7 @@ impl RedisTier {
 
     /// The server's address, without credentials.
     pub(crate) fn address(&self) -> String {
-        super::redacted(self.conn.client())
+        self.conn.client().address()
     }
 
     fn value_key(&self, key: &KeyHash) -> String {
@@ -90,6 +98,10 @@ impl RedisTier {
         format!("{}:tag:{tag}", self.prefix)
     }
 
+    fn wake_channel(&self, key: &KeyHash) -> String {
+        wake::key_channel(&self.prefix, &key.0)
+    }
+
     /// Starts the supervised subscription once, from inside the runtime.
     pub(crate) fn ensure_subscribed(&self, sink: Weak<dyn WakeSink>) {
         if self.subscribed.load(Ordering::Relaxed) || self.subscribed.swap(true, Ordering::AcqRel) {
@@ -100,9 +112,10 @@ impl RedisTier {
             .stop_subscription
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(stop);
-        let (client, channel, timeout) = (
+        let (client, prefix, wakers, timeout) = (
             self.conn.client().clone(),
-            self.channel.clone(),
+            self.prefix.clone(),
+            self.wakers.clone(),
             self.conn.timeout(),
         );
         self.spawn_purge_watch(sink.clone());
@@ -110,9 +123,9 @@ impl RedisTier {
             move || {
                 // Nobody left to hear: the cache is gone.
                 sink.upgrade()?;
-                Some(wake::subscribe(
-                    client.clone(),
-                    channel.clone(),
+                Some(client.clone().subscription(
+                    prefix.clone(),
+                    wakers.clone(),
                     sink.clone(),
                     timeout,
                 ))
@@ -152,7 +165,7 @@ impl RedisTier {
         let gk = self.gen_key(key);
         let rk = vk.clone();
         let waited_on = opts.waited_on.unwrap_or_default();
-        let write = |mut c: redis::aio::ConnectionManager| async move {
+        let write = |mut c: S::Conn| async move {
             scripts::CHECK_AND_LOCK
                 .key(vk)
                 .key(lk)
@@ -170,7 +183,7 @@ impl RedisTier {
         let reply = if opts.skip_value {
             self.conn.run(write).await?
         } else {
-            let read = |mut c: redis::aio::ConnectionManager| async move {
+            let read = |mut c: S::Conn| async move {
                 redis::cmd("EVAL_RO")
                     .arg(scripts::READ_VALUE)
                     .arg(1)
@@ -201,6 +214,10 @@ impl RedisTier {
                     Some(Value::BulkString(b)) => Bytes::from(b),
                     _ => Bytes::new(),
                 };
+                // Waiting on another node's fill: hear this key's wake-ups (a refresh,
+                // which waits on nothing, for about as long as that fill may take).
+                let linger = left.unwrap_or(LINGER_MAX).clamp(LINGER_MIN, LINGER_MAX);
+                self.wakers.want(&key.0, linger);
                 Ok(Check::Held { token, left })
             }
             (Some(4), Some(Value::BulkString(tail)), _) => match wake::failure_status(&tail) {
@@ -247,26 +264,36 @@ impl RedisTier {
         generation: &Generation,
         tags: &[String],
     ) -> Result<bool, BackendError> {
-        let (vk, lk, gk) = (self.value_key(key), self.lock_key(key), self.gen_key(key));
+        let (vk, lk, gk, channel) = (
+            self.value_key(key),
+            self.lock_key(key),
+            self.gen_key(key),
+            self.wake_channel(key),
+        );
+        // One node holds every key: the tag sets are written in the same script. A Cluster
+        // keeps them apart (other slots), in a second call.
+        let one_node = S::PUBLISH == "PUBLISH";
         let sets: Vec<String> = tags.iter().map(|t| self.tag_key(t)).collect();
+        let in_script: &[String] = if one_node { &sets } else { &[] };
         let reply: Vec<i64> = self
             .conn
             .run_always(|mut c| async move {
                 let mut call = scripts::STORE_RELEASE.key(vk);
                 call.key(lk).key(gk);
-                for set in &sets {
+                for set in in_script {
                     call.key(set);
                 }
                 call.arg(token)
                     .arg(bytes)
                     .arg(millis(ttl))
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(key.hex())
                     .arg(if bytes.len() <= wake::INLINE_MAX {
                         "1"
                     } else {
                         "0"
                     })
+                    .arg(S::PUBLISH)
                     .arg(generation.arg())
                     .arg(key.hex())
                     .invoke_async(&mut c)
@@ -275,6 +302,22 @@ impl RedisTier {
             .await?;
         if reply.get(1) == Some(&-1) {
             tracing::debug!(key = %key.short(), "redis refused the store (out of memory?); released and woken anyway");
+        }
+        if !one_node && reply.get(1) == Some(&1) && !sets.is_empty() {
+            let hex = key.hex();
+            let ms = millis(ttl);
+            let _: () = self
+                .conn
+                .run_always(|mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for set in &sets {
+                        pipe.cmd("SADD").arg(set).arg(&hex).ignore();
+                        pipe.cmd("PEXPIRE").arg(set).arg(ms).arg("GT").ignore();
+                        pipe.cmd("PEXPIRE").arg(set).arg(ms).arg("NX").ignore();
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
         }
         Ok(reply.first() == Some(&1))
     }
@@ -285,15 +328,16 @@ impl RedisTier {
         key: &KeyHash,
         token: &str,
     ) -> Result<bool, BackendError> {
-        let lk = self.lock_key(key);
+        let (lk, channel) = (self.lock_key(key), self.wake_channel(key));
         let held: i64 = self
             .conn
             .run_always(|mut c| async move {
                 scripts::RELEASE_PUBLISH
                     .key(lk)
                     .arg(token)
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(key.hex())
+                    .arg(S::PUBLISH)
                     .invoke_async(&mut c)
                     .await
             })
@@ -310,7 +354,11 @@ impl RedisTier {
         status: u16,
         marker_ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let (lk, fk) = (self.lock_key(key), self.fail_key(key));
+        let (lk, fk, channel) = (
+            self.lock_key(key),
+            self.fail_key(key),
+            self.wake_channel(key),
+        );
         let tail = wake::failure_tail(status);
         let mut message = key.hex().into_bytes();
         message.extend_from_slice(&tail);
@@ -325,8 +373,9 @@ impl RedisTier {
                     .arg(token)
                     .arg(marker)
                     .arg(millis(marker_ttl))
-                    .arg(&self.channel)
+                    .arg(&channel)
                     .arg(message)
+                    .arg(S::PUBLISH)
                     .invoke_async(&mut c)
                     .await
             })
@@ -361,17 +410,36 @@ impl RedisTier {
         key: &KeyHash,
         generation_ttl: Duration,
     ) -> Result<(), BackendError> {
-        let (vk, gk, ek) = (self.value_key(key), self.gen_key(key), self.epoch_key());
+        let epoch = self.next_epoch().await?;
+        self.remove_under(key, epoch, generation_ttl).await
+    }
+
+    /// Moves the purge epoch (its own call: the epoch lives in no key's slot).
+    async fn next_epoch(&self) -> Result<u64, BackendError> {
+        let ek = self.epoch_key();
+        self.conn
+            .run(|mut c| async move { redis::cmd("INCR").arg(ek).query_async(&mut c).await })
+            .await
+    }
+
+    /// Purges one key as the `epoch`th purge.
+    async fn remove_under(
+        &self,
+        key: &KeyHash,
+        epoch: u64,
+        generation_ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let (vk, gk) = (self.value_key(key), self.gen_key(key));
         let mut message = key.hex().into_bytes();
         message.extend_from_slice(wake::INVALIDATED);
-        let _epoch: i64 = self
+        message.extend_from_slice(epoch.to_string().as_bytes());
+        let () = self
             .conn
             .run(|mut c| async move {
                 scripts::REMOVE
                     .key(vk)
                     .key(gk)
-                    .key(ek)
-                    .arg(&self.channel)
+                    .arg(&self.broadcast)
                     .arg(message)
                     .arg(millis(generation_ttl))
                     .invoke_async(&mut c)
@@ -381,30 +449,54 @@ impl RedisTier {
         Ok(())
     }
 
-    /// Purges every value recorded under `tag`.
+    /// Purges every value recorded under `tag`, key by key (a Cluster keeps them in other
+    /// slots), then announces the tag itself, so that a fill of a tagged key running
+    /// anywhere does not share its answer.
     pub(crate) async fn purge_tag(
         &self,
         tag: &str,
         tag_hash: &KeyHash,
         generation_ttl: Duration,
     ) -> Result<u64, BackendError> {
-        let (tk, ek) = (self.tag_key(tag), self.epoch_key());
-        let tag_hex = tag_hash.hex();
-        let n: i64 = self
+        let epoch = self.next_epoch().await?;
+        let tk = self.tag_key(tag);
+        let members: Vec<Vec<u8>> = {
+            let tk = tk.clone();
+            self.conn
+                .run(
+                    |mut c| async move { redis::cmd("SMEMBERS").arg(tk).query_async(&mut c).await },
+                )
+                .await?
+        };
+        let mut purged = 0;
+        for member in &members {
+            let Some(hash) = super::parse_hex(member) else {
+                continue;
+            };
+            self.remove_under(&KeyHash(hash), epoch, generation_ttl)
+                .await?;
+            purged += 1;
+        }
+        let mut message = tag_hash.hex().into_bytes();
+        message.extend_from_slice(wake::INVALIDATED);
+        message.extend_from_slice(epoch.to_string().as_bytes());
+        let broadcast = self.broadcast.clone();
+        let () = self
             .conn
             .run(|mut c| async move {
-                scripts::PURGE_TAG
-                    .key(tk)
-                    .key(ek)
-                    .arg(&self.channel)
-                    .arg(millis(generation_ttl))
-                    .arg(&self.prefix)
-                    .arg(tag_hex)
-                    .invoke_async(&mut c)
+                redis::pipe()
+                    .cmd("PUBLISH")
+                    .arg(broadcast)
+                    .arg(message)
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(tk)
+                    .ignore()
+                    .query_async(&mut c)
                     .await
             })
             .await?;
-        Ok(n.max(0) as u64)
+        Ok(purged)
     }
 
     /// The purge epoch: how many purges the tier has seen.

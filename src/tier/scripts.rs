@@ -77,11 +77,13 @@ return 0",
 });
 
 /// Store-release-publish. KEYS[1] value, KEYS[2] lock, KEYS[3] the key's purge generation;
-/// ARGV[1] token, ARGV[2] bytes, ARGV[3] ttl ms, ARGV[4] channel, ARGV[5] message, ARGV[6]
-/// "1" to append the bytes to the message (waiters then need no read), ARGV[7] the
+/// ARGV[1] token, ARGV[2] bytes, ARGV[3] ttl ms, ARGV[4] channel (the key's), ARGV[5]
+/// message, ARGV[6] "1" to append the bytes to the message (waiters then need no read),
+/// ARGV[7] the publish command (`PUBLISH`, or `SPUBLISH` on a Cluster), ARGV[8] the
 /// generation the fill started under ('' unknown: only where none stands; '*' any),
-/// ARGV[8] the key hash in hex; KEYS[4..] the sets of the entry's tags, to which a stored
-/// entry is added (each set kept as long as its longest-lived entry).
+/// ARGV[9] the key hash in hex; KEYS[4..] the sets of the entry's tags (one node only: a
+/// Cluster writes them apart), to which a stored entry is added (each set kept as long as
+/// its longest-lived entry).
 /// A fill that started before a purge of its key (the generation moved) does not store:
 /// its older answer must not resurrect the purged value.
 /// A holder writes unless a newer envelope stands; a leader without the lock (its lease
@@ -122,14 +124,14 @@ local s = standing()
 local stored = 0
 local gen = redis.pcall('GET', KEYS[3])
 if type(gen) ~= 'string' then gen = false end
-local current = ARGV[7] == '*' or (ARGV[7] == '' and not gen) or ARGV[7] == (gen or '0')
+local current = ARGV[8] == '*' or (ARGV[8] == '' and not gen) or ARGV[8] == (gen or '0')
 if current and ((held and s ~= 'newer') or s == 'none' or s == 'older') then
     local ok = redis.pcall('SET', KEYS[1], value, 'PX', ARGV[3])
     if type(ok) == 'table' and ok.err then stored = -1 else stored = 1 end
 end
 if stored == 1 then
     for i = 4, #KEYS do
-        redis.pcall('SADD', KEYS[i], ARGV[8])
+        redis.pcall('SADD', KEYS[i], ARGV[9])
         if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
             redis.call('PEXPIRE', KEYS[i], ARGV[3])
         end
@@ -137,9 +139,9 @@ if stored == 1 then
 end
 if held then redis.call('DEL', KEYS[2]) end
 if stored ~= 0 and ARGV[6] == '1' then
-    redis.call('PUBLISH', ARGV[4], ARGV[5] .. value)
+    redis.call(ARGV[7], ARGV[4], ARGV[5] .. value)
 else
-    redis.call('PUBLISH', ARGV[4], ARGV[5])
+    redis.call(ARGV[7], ARGV[4], ARGV[5])
 end
 if held then return {1, stored} end
 return {0, stored}",
@@ -147,7 +149,8 @@ return {0, stored}",
 });
 
 /// Release-publish, for a fill that produced nothing. KEYS[1] lock; ARGV[1] token,
-/// ARGV[2] channel, ARGV[3] message. Returns 1 when the lock was still ours.
+/// ARGV[2] channel (the key's), ARGV[3] message, ARGV[4] the publish command. Returns 1
+/// when the lock was still ours.
 pub(crate) static RELEASE_PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"local held = 0
@@ -155,14 +158,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     held = 1
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call(ARGV[4], ARGV[2], ARGV[3])
 return held",
     )
 });
 
 /// Fail-release-publish, for a fill whose attempt failed. KEYS[1] lock, KEYS[2] failure
-/// marker; ARGV[1] token, ARGV[2] marker value, ARGV[3] marker ttl ms, ARGV[4] channel,
-/// ARGV[5] message. The marker tells the attempt's waiters whose wake-up was lost that it
+/// marker; ARGV[1] token, ARGV[2] marker value, ARGV[3] marker ttl ms, ARGV[4] channel
+/// (the key's), ARGV[5] message, ARGV[6] the publish command. The marker tells the attempt's waiters whose wake-up was lost that it
 /// failed; a refused marker write (OOM) never skips the release or the wake-up.
 /// Returns 1 when the lock was still ours.
 pub(crate) static FAIL_RELEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -173,7 +176,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     held = 1
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+redis.call(ARGV[6], ARGV[4], ARGV[5])
 return held",
     )
 });
@@ -186,38 +189,15 @@ if n == 0 or n > tonumber(ARGV[1]) then return false end
 return redis.call('GET', KEYS[1])";
 
 /// Purge-publish: deletes a value, moves the key's purge generation (a fill that started
-/// before it will not store), moves the node-wide purge epoch and tells every node to drop
-/// its copy. KEYS[1] value, KEYS[2] generation, KEYS[3] epoch; ARGV[1] channel, ARGV[2]
-/// message (the epoch is appended), ARGV[3] generation ttl ms.
+/// before it will not store) and tells every node to drop its copy. KEYS[1] value, KEYS[2]
+/// generation (one slot); ARGV[1] channel (the broadcast one: a plain `PUBLISH` reaches
+/// every node, of a Cluster too), ARGV[2] message (with the purge epoch), ARGV[3]
+/// generation ttl ms.
 pub(crate) static REMOVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('DEL', KEYS[1])
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-local epoch = redis.call('INCR', KEYS[3])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. epoch)
-return epoch",
-    )
-});
-
-/// Tag purge: every value key recorded under a tag is purged as by [`REMOVE`], and the tag
-/// set goes; the tag's own hash (ARGV[4]) is announced too, so that a fill of a tagged key
-/// running anywhere does not share its answer. KEYS[1] tag set, KEYS[2] epoch; ARGV[1]
-/// channel, ARGV[2] generation ttl ms, ARGV[3] key prefix, ARGV[4] the tag's hash in hex.
-/// Members are key hashes in hex. Returns the number of keys purged.
-pub(crate) static PURGE_TAG: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local members = redis.call('SMEMBERS', KEYS[1])
-local epoch = redis.call('INCR', KEYS[2])
-for _, hex in ipairs(members) do
-    local base = ARGV[3] .. ':{' .. hex .. '}:'
-    redis.call('DEL', base .. 'v')
-    redis.call('INCR', base .. 'gen')
-    redis.call('PEXPIRE', base .. 'gen', ARGV[2])
-    redis.call('PUBLISH', ARGV[1], hex .. '!X' .. epoch)
-end
-redis.call('PUBLISH', ARGV[1], ARGV[4] .. '!X' .. epoch)
-redis.call('DEL', KEYS[1])
-return #members",
+redis.call('PUBLISH', ARGV[1], ARGV[2])",
     )
 });

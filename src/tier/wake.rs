@@ -1,5 +1,15 @@
 //! Wake-ups: the waiters of this process by key, and (with Redis) one supervised pub/sub
-//! subscription per node whose messages are dispatched to them.
+//! connection per node whose messages are dispatched to them.
+//!
+//! A key's wake-ups go out on a channel of its own, `prefix:{hash}:wake` (the hash tag of
+//! its value and lock: one Cluster slot). A node subscribes to it only while it has a
+//! waiter on the key (from the first check that finds the lock held by another node until
+//! its last waiter leaves), all such subscriptions multiplexed on the node's one pub/sub
+//! connection; right after a subscription is confirmed its waiters re-check the tier, so
+//! that a fill that landed in between is not missed. The bytes Redis sends per fill thus
+//! grow with the nodes that wait on that key, not with the fleet. One broadcast channel,
+//! `prefix:ready`, carries the small invalidations (`!X`) every node must hear, never a
+//! value.
 //!
 //! A message is the key hash in 64 hex digits, then a tail: nothing (the fill ended, read
 //! the tier), a stored envelope (`TSE...`, at most [`INLINE_MAX`] bytes: waiters need no
@@ -10,10 +20,11 @@ use std::collections::HashMap;
 #[cfg(feature = "redis")]
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 #[cfg(feature = "redis")]
 use std::sync::Weak;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 #[cfg(feature = "redis")]
@@ -107,10 +118,19 @@ pub(crate) trait WakeSink: Send + Sync {
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
-/// The fills of this process that wait on some key, by key hash.
+/// The fills of this process that wait on some key, by key hash, and which of those keys
+/// want a subscription to their wake-up channel.
 #[derive(Debug, Default)]
 pub(crate) struct Wakers {
     map: Mutex<HashMap<[u8; 32], Arc<Slot>, PrehashedState>>,
+    /// Keys whose subscription may have to change, for the subscription task.
+    dirty: Mutex<Vec<[u8; 32]>>,
+    /// Signalled when `dirty` grew.
+    changed: Notify,
+    /// Keys wanted for a while with nobody registered on them (a background refresh found
+    /// the lock held elsewhere: the other fill's wake-up replaces the stale copy), until
+    /// the first wake-up of the key or the deadline.
+    timed: Mutex<HashMap<[u8; 32], Instant, PrehashedState>>,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +138,8 @@ struct Slot {
     notify: Notify,
     /// What the last wake-up said.
     last: Mutex<Option<Wake>>,
+    /// A waiter found the lock held elsewhere: the key's channel is wanted.
+    wanted: AtomicBool,
 }
 
 /// A registration; dropping it unregisters.
@@ -148,6 +170,10 @@ impl Drop for Waiting {
         // The map's reference and ours: nobody else waits on this key.
         if Arc::strong_count(&self.slot) <= 2 {
             map.remove(&self.hash);
+            if self.slot.wanted.load(Ordering::Acquire) {
+                drop(map);
+                self.wakers.mark(self.hash);
+            }
         }
     }
 }
@@ -170,7 +196,133 @@ impl Wakers {
             slot.notify.notify_waiters();
         }
     }
+
+    /// Wakes the waiters on `hash` without a message: they look at the tier again (their
+    /// subscription has just been confirmed).
+    pub(crate) fn nudge(&self, hash: &[u8; 32]) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = map.get(hash) {
+            slot.notify.notify_waiters();
+        }
+    }
+
+    /// A check of `hash` found the lock held by another node: subscribe to the key's
+    /// channel while anyone here waits on it, or, when nobody is registered (a background
+    /// refresh), until its first wake-up or for `linger` at most.
+    pub(crate) fn want(&self, hash: &[u8; 32], linger: Duration) {
+        let registered = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(hash)
+                .map(|slot| !slot.wanted.swap(true, Ordering::AcqRel))
+        };
+        let newly = match registered {
+            Some(newly) => newly,
+            None => {
+                let until = Instant::now() + linger;
+                let mut timed = self.timed();
+                let had = timed.get(hash).is_some_and(|t| *t > Instant::now());
+                let deadline = timed.entry(*hash).or_insert(until);
+                *deadline = (*deadline).max(until);
+                !had
+            }
+        };
+        if newly {
+            self.mark(*hash);
+        }
+    }
+
+    fn timed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Instant, PrehashedState>> {
+        self.timed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a subscription to `hash`'s channel is wanted now.
+    pub(crate) fn is_wanted(&self, hash: &[u8; 32]) -> bool {
+        let registered = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(hash)
+                .is_some_and(|slot| slot.wanted.load(Ordering::Acquire))
+        };
+        registered || self.timed().get(hash).is_some_and(|t| *t > Instant::now())
+    }
+
+    /// Every key whose channel is wanted now (for a subscription that starts afresh).
+    pub(crate) fn wanted(&self) -> Vec<[u8; 32]> {
+        let mut wanted: Vec<[u8; 32]> = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .filter(|(_, slot)| slot.wanted.load(Ordering::Acquire))
+                .map(|(hash, _)| *hash)
+                .collect()
+        };
+        let now = Instant::now();
+        wanted.extend(
+            self.timed()
+                .iter()
+                .filter(|(_, t)| **t > now)
+                .map(|(hash, _)| *hash),
+        );
+        wanted
+    }
+
+    /// A wake-up of `hash` arrived: a lingering interest in it has served.
+    pub(crate) fn heard(&self, hash: &[u8; 32]) {
+        if self.timed().remove(hash).is_some() {
+            self.mark(*hash);
+        }
+    }
+
+    /// Drops the lingering interests past their deadline (marked, so that their
+    /// subscriptions end), and says when the next one ends.
+    pub(crate) fn expire(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let next = {
+            let mut timed = self.timed();
+            timed.retain(|hash, t| {
+                let keep = *t > now;
+                if !keep {
+                    expired.push(*hash);
+                }
+                keep
+            });
+            timed.values().min().copied()
+        };
+        expired.into_iter().for_each(|h| self.mark(h));
+        next
+    }
+
+    fn mark(&self, hash: [u8; 32]) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hash);
+        self.changed.notify_one();
+    }
+
+    /// The keys whose subscription may have to change since the last call.
+    pub(crate) fn take_dirty(&self) -> Vec<[u8; 32]> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Resolves when keys were marked since the last call (or before the first).
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await
+    }
 }
+
+/// The wake-up channel of one key: `prefix:{hash}:wake`, in the slot of its value and lock.
+pub(crate) fn key_channel(prefix: &str, hash: &[u8; 32]) -> String {
+    format!("{prefix}:{{{}}}:wake", super::hex(hash))
+}
+
+/// The broadcast channel every node hears: invalidations only.
+pub(crate) fn broadcast_channel(prefix: &str) -> String {
+    format!("{prefix}:ready")
+}
+
+/// How many channels one `SUBSCRIBE` or `UNSUBSCRIBE` names at most.
+#[cfg(feature = "redis")]
+const SUBSCRIBE_BATCH: usize = 256;
 
 /// A wake-up message: the key hash and what its tail says.
 pub(crate) fn parse_message(payload: &[u8]) -> Option<([u8; 32], Wake)> {
@@ -218,50 +370,67 @@ where
     }
 }
 
-/// Keeps one subscription to `channel` alive while the layer lives (its supervisor stops
-/// it when the layer is dropped), reconnecting with backoff and jitter. Messages are key
-/// hashes in hex, possibly followed by the stored bytes; the handling of each is bounded
-/// and guarded, so no message can end the subscription.
+/// Keeps the node's pub/sub connection alive while the layer lives (its supervisor stops
+/// it when the layer is dropped), reconnecting with backoff and jitter: the broadcast
+/// channel always, and the channel of every key [`Wakers`] wants, subscribed and
+/// unsubscribed as waiters come and go (and all again on a new connection). Messages are
+/// key hashes in hex, possibly followed by a tail; the handling of each is bounded and
+/// guarded, so no message can end the subscription.
 #[cfg(feature = "redis")]
-pub(crate) async fn subscribe(
-    client: redis::Client,
-    channel: String,
+pub(crate) async fn subscribe<C, F>(
+    mut connect: C,
+    prefix: String,
+    wakers: Arc<Wakers>,
     sink: Weak<dyn WakeSink>,
     timeout: Duration,
-) {
+) where
+    C: FnMut() -> F,
+    F: Future<Output = redis::RedisResult<redis::aio::PubSub>>,
+{
+    let broadcast = broadcast_channel(&prefix);
+    let limit = timeout.max(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(50);
     loop {
         let session = async {
-            let mut pubsub = tokio::time::timeout(
-                timeout.max(Duration::from_secs(1)),
-                client.get_async_pubsub(),
-            )
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-            pubsub
-                .subscribe(&channel)
-                .await
-                .map_err(|e| e.to_string())?;
-            tracing::debug!(%channel, "subscribed to wake-ups");
-            let mut messages = pubsub.into_on_message();
-            while let Some(msg) = messages.next().await {
-                let Some(sink) = sink.upgrade() else {
-                    return Ok(());
-                };
-                sink.heard();
-                let handled = std::panic::AssertUnwindSafe(async {
-                    if let Some((hash, wake)) = parse_message(msg.get_payload_bytes()) {
-                        sink.on_wake(hash, wake).await;
+            let pubsub = bounded(limit, connect()).await?;
+            let (mut subs, mut messages) = pubsub.split();
+            bounded(limit, subs.subscribe(&broadcast)).await?;
+            tracing::debug!(channel = %broadcast, "subscribed to wake-ups");
+            let mut live = Live::default();
+            // A new connection: every key wanted now, whatever was marked before.
+            wakers.take_dirty();
+            let mut pending = wakers.wanted();
+            loop {
+                if !pending.is_empty() {
+                    let (add, remove) = live.changes(&wakers, std::mem::take(&mut pending));
+                    for chunk in remove.chunks(SUBSCRIBE_BATCH) {
+                        let channels: Vec<String> =
+                            chunk.iter().map(|h| key_channel(&prefix, h)).collect();
+                        bounded(limit, subs.unsubscribe(channels)).await?;
                     }
-                })
-                .catch_unwind()
-                .await;
-                if handled.is_err() {
-                    tracing::error!(%channel, "handling a wake-up message panicked; message ignored");
+                    for chunk in add.chunks(SUBSCRIBE_BATCH) {
+                        let channels: Vec<String> =
+                            chunk.iter().map(|h| key_channel(&prefix, h)).collect();
+                        bounded(limit, subs.subscribe(channels)).await?;
+                        // Confirmed: a fill that landed before is in the tier now.
+                        chunk.iter().for_each(|h| wakers.nudge(h));
+                    }
                 }
+                let next_expiry = wakers.expire();
+                tokio::select! {
+                    msg = messages.next() => {
+                        let Some(msg) = msg else {
+                            return Err("subscription closed".to_owned());
+                        };
+                        if !dispatch(&sink, &wakers, msg.get_payload_bytes()).await {
+                            return Ok(());
+                        }
+                    }
+                    _ = wakers.changed() => {}
+                    _ = sleep_until(next_expiry) => {}
+                }
+                pending = wakers.take_dirty();
             }
-            Err("subscription closed".to_owned())
         };
         let connected_at = tokio::time::Instant::now();
         match session.await {
@@ -273,9 +442,103 @@ pub(crate) async fn subscribe(
         if connected_at.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(50);
         }
-        tokio::time::sleep(jittered(backoff, backoff / 2)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff = jittered_backoff(backoff).await;
     }
+}
+
+/// A subscription step under a deadline, its error in words.
+#[cfg(feature = "redis")]
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    step: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
+
+/// The key channels one pub/sub connection is subscribed to.
+#[derive(Debug, Default)]
+pub(crate) struct Live(std::collections::HashSet<[u8; 32], PrehashedState>);
+
+impl Live {
+    /// What to subscribe and unsubscribe for the keys in `dirty`, given what `wakers`
+    /// wants now; the set is updated as if both were done.
+    pub(crate) fn changes(
+        &mut self,
+        wakers: &Wakers,
+        dirty: Vec<[u8; 32]>,
+    ) -> (Vec<[u8; 32]>, Vec<[u8; 32]>) {
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        for hash in dirty {
+            if wakers.is_wanted(&hash) {
+                if self.0.insert(hash) {
+                    add.push(hash);
+                }
+            } else if self.0.remove(&hash) {
+                remove.push(hash);
+            }
+        }
+        (add, remove)
+    }
+
+    /// Whether `hash`'s channel is subscribed here.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn contains(&self, hash: &[u8; 32]) -> bool {
+        self.0.contains(hash)
+    }
+
+    /// Counts `hash`'s channel as not subscribed (its subscription failed or was dropped).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn forget(&mut self, hash: &[u8; 32]) {
+        self.0.remove(hash);
+    }
+
+    /// Counts every channel as not subscribed (the connection was replaced).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// Sleeps `backoff` plus up to half of it, and returns the next backoff (doubled, at most
+/// one second).
+#[cfg(feature = "redis")]
+pub(crate) async fn jittered_backoff(backoff: Duration) -> Duration {
+    tokio::time::sleep(jittered(backoff, backoff / 2)).await;
+    (backoff * 2).min(Duration::from_secs(1))
+}
+
+/// Sleeps until `deadline`, or forever without one.
+#[cfg(feature = "redis")]
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one message to `sink`, guarded: false when the cache is gone.
+#[cfg(feature = "redis")]
+pub(crate) async fn dispatch(sink: &Weak<dyn WakeSink>, wakers: &Wakers, payload: &[u8]) -> bool {
+    let Some(sink) = sink.upgrade() else {
+        return false;
+    };
+    sink.heard();
+    let handled = std::panic::AssertUnwindSafe(async {
+        if let Some((hash, wake)) = parse_message(payload) {
+            wakers.heard(&hash);
+            sink.on_wake(hash, wake).await;
+        }
+    })
+    .catch_unwind()
+    .await;
+    if handled.is_err() {
+        tracing::error!("handling a wake-up message panicked; message ignored");
+    }
+    true
 }
 
 #[cfg(test)]
@@ -313,6 +576,52 @@ mod tests {
         assert_eq!(with(b"!X42"), Wake::Invalidated(Some(42)));
         assert_eq!(parse_message(b"not hex"), None);
         assert_eq!(parse_message(&[b'z'; 64]), None);
+    }
+
+    #[test]
+    fn a_key_is_wanted_from_a_held_check_until_its_last_waiter_leaves() {
+        let wakers = Arc::new(Wakers::default());
+        let (h, other) = ([1u8; 32], [2u8; 32]);
+        let first = wakers.register(h);
+        let second = wakers.register(h);
+        assert!(
+            !wakers.is_wanted(&h),
+            "registered, but no check found the lock held"
+        );
+        wakers.want(&h, Duration::from_secs(1));
+        wakers.want(&h, Duration::from_secs(1));
+        assert_eq!(wakers.take_dirty(), vec![h], "marked once");
+        assert_eq!(wakers.wanted(), vec![h]);
+        let mut live = Live::default();
+        assert_eq!(live.changes(&wakers, vec![h, h]), (vec![h], vec![]));
+        drop(first);
+        assert!(wakers.is_wanted(&h), "one waiter is left");
+        assert!(wakers.take_dirty().is_empty());
+        drop(second);
+        assert!(!wakers.is_wanted(&h));
+        assert_eq!(wakers.take_dirty(), vec![h]);
+        assert_eq!(live.changes(&wakers, vec![h]), (vec![], vec![h]));
+        // Nobody registered (a background refresh): wanted until its first wake-up.
+        wakers.want(&other, Duration::from_secs(60));
+        assert!(wakers.is_wanted(&other));
+        assert_eq!(wakers.take_dirty(), vec![other]);
+        wakers.heard(&other);
+        assert!(!wakers.is_wanted(&other));
+        assert_eq!(wakers.take_dirty(), vec![other]);
+        // ... or until its deadline.
+        wakers.want(&other, Duration::ZERO);
+        wakers.take_dirty();
+        assert_eq!(wakers.expire(), None);
+        assert!(!wakers.is_wanted(&other));
+        assert_eq!(wakers.take_dirty(), vec![other]);
+    }
+
+    #[test]
+    fn channels_share_the_keys_hash_tag() {
+        let h = [0xab; 32];
+        let tag = format!("{{{}}}", crate::tier::hex(&h));
+        assert_eq!(key_channel("p", &h), format!("p:{tag}:wake"));
+        assert_eq!(broadcast_channel("p"), "p:ready");
     }
 
     #[cfg(feature = "redis")]
