@@ -83,6 +83,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -97,7 +98,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tower::{Layer, Service, ServiceExt};
-use tower_stampede::{Backend, BackendHealth, RedisState, StampedeLayer};
+use tower_stampede::{Backend, BackendHealth, RedisState, StampedeBody, StampedeLayer};
 use tracing_subscriber::EnvFilter;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -271,6 +272,27 @@ struct Args {
     /// even one the proxy drops otherwise; its value becomes part of the key.
     #[arg(long = "forward-header", value_delimiter = ',', value_name = "NAME", value_parser = parse_forward_header)]
     forward_headers: Vec<HeaderName>,
+
+    /// Peers (CIDR blocks or addresses) allowed to `PURGE`: `PURGE /path?query` purges that
+    /// URL (all its variants), `PURGE` with `Surrogate-Key: tag1 tag2` purges those tags,
+    /// fleet-wide. Others get 405 and nothing happens.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "CIDR,...",
+        default_value = "127.0.0.0/8,::1"
+    )]
+    purge_allow: Vec<Cidr>,
+
+    /// A token that allows `PURGE` from anywhere, sent as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "PURGE_TOKEN", hide_env_values = true)]
+    purge_token: Option<String>,
+
+    /// Soft timeout: when a stale copy is usable (`--grace`) and the upstream takes longer
+    /// than this, the waiting clients get the stale copy at once and the fill goes on in
+    /// the background, storing when it lands. Off by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soft_timeout: Option<Duration>,
 }
 
 /// How log lines are written.
@@ -363,8 +385,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Some(key)
         })
         // The headers forwarded as the client sent them are keyed.
-        .vary(args.forward_headers.clone())
-        .build();
+        .vary(args.forward_headers.clone());
+    let layer = match args.soft_timeout {
+        Some(soft) => layer.soft_timeout(soft),
+        None => layer,
+    }
+    .build();
 
     let ready = Arc::new(AtomicBool::new(false));
     if let Some((listener, handle)) = metrics {
@@ -397,6 +423,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
     };
     let forward = Forward::new(origin, args.upstream_timeout, forwarding);
     let stack = layer.layer(forward);
+    let purging = Arc::new(Purging {
+        layer: layer.clone(),
+        allow: args.purge_allow.clone(),
+        token: args.purge_token.clone(),
+        key_host: args.key_host,
+    });
 
     let listener = TcpListener::bind(args.listen).await?;
     let local = listener.local_addr()?;
@@ -437,7 +469,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 };
                 let _ = stream.set_nodelay(true);
                 let stack = stack.clone();
+                let purging = purging.clone();
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    if req.method().as_str() == "PURGE" {
+                        let purging = purging.clone();
+                        return Either::Left(async move {
+                            Ok::<_, Infallible>(purging.handle(&req, peer.ip()).await)
+                        });
+                    }
                     req.extensions_mut().insert(ClientAddr(peer));
                     // An HTTP/2 body may come without `Content-Length`, where the layer
                     // cannot see it: such a GET/HEAD is not keyed either.
@@ -448,7 +487,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                     {
                         req.extensions_mut().insert(UnframedBody);
                     }
-                    stack.clone().oneshot(req)
+                    Either::Right(stack.clone().oneshot(req))
                 });
                 let conn = server.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
@@ -743,6 +782,12 @@ struct UnframedBody;
 
 /// The `Host` the client asked for (the request target's authority, else the `Host`
 /// header), lowercased: what `--key-host` keys on and sends as `X-Forwarded-Host`.
+/// The client's `Host`, lowercased, from the header alone.
+fn client_host_of(headers: &HeaderMap) -> Option<String> {
+    let host = headers.get(header::HOST)?.to_str().ok()?.trim();
+    (!host.is_empty() && !host.contains('@')).then(|| host.to_ascii_lowercase())
+}
+
 fn client_host(parts: &http::request::Parts) -> Option<String> {
     let host = match parts.uri.authority() {
         Some(authority) => authority.as_str(),
@@ -817,6 +862,122 @@ fn parse_forward_header(name: &str) -> Result<HeaderName, String> {
         return Err(format!("`{header}` is hop-by-hop: it is never forwarded"));
     }
     Ok(header)
+}
+
+/// `PURGE` requests: who may send them, and what they purge.
+struct Purging {
+    layer: StampedeLayer,
+    allow: Vec<Cidr>,
+    token: Option<String>,
+    key_host: bool,
+}
+
+impl Purging {
+    /// Answers a `PURGE`: 200 with what was purged, or 405 (nothing done) for a peer that
+    /// may not purge.
+    async fn handle<B>(&self, req: &Request<B>, peer: IpAddr) -> Response<StampedeBody<ProxyBody>> {
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let by_token = matches!((&self.token, bearer), (Some(t), Some(b)) if constant_time_eq(t.as_bytes(), b.as_bytes()));
+        if !by_token && !self.allow.iter().any(|c| c.contains(peer)) {
+            tracing::warn!(%peer, "PURGE refused: not an allowed peer and no valid token");
+            return json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                r#"{"error":"purge not allowed"}"#.into(),
+            );
+        }
+        let tags: Vec<String> = req
+            .headers()
+            .get_all("surrogate-key")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(str::split_whitespace)
+            .map(str::to_owned)
+            .take(64)
+            .collect();
+        if !tags.is_empty() {
+            let mut entries = 0;
+            for tag in &tags {
+                match self.layer.purge_tag(tag).await {
+                    Ok(n) => entries += n,
+                    Err(e) => return purge_failed(&e),
+                }
+            }
+            tracing::info!(%peer, ?tags, entries, "purged by tag");
+            let list = tags
+                .iter()
+                .map(|t| format!("\"{}\"", json_escape(t)))
+                .collect::<Vec<_>>()
+                .join(",");
+            return json(
+                StatusCode::OK,
+                format!(r#"{{"purged":"tags","tags":[{list}],"entries":{entries}}}"#),
+            );
+        }
+        // Keyed as a GET of the same path would be: the upstream's, and the client's Host
+        // with --key-host.
+        let pq = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        let host = if self.key_host {
+            client_host_of(req.headers()).unwrap_or_default()
+        } else {
+            "purge".to_owned()
+        };
+        let uri = match format!("http://{host}{pq}").parse::<Uri>() {
+            Ok(uri) => uri,
+            Err(_) => return json(StatusCode::BAD_REQUEST, r#"{"error":"bad target"}"#.into()),
+        };
+        match self.layer.purge(&uri).await {
+            Ok(entries) => {
+                tracing::info!(%peer, path = pq, entries, "purged by URL");
+                json(
+                    StatusCode::OK,
+                    format!(
+                        r#"{{"purged":"url","url":"{}","entries":{entries}}}"#,
+                        json_escape(pq)
+                    ),
+                )
+            }
+            Err(e) => purge_failed(&e),
+        }
+    }
+}
+
+fn purge_failed(e: &tower_stampede::BackendError) -> Response<StampedeBody<ProxyBody>> {
+    tracing::warn!(error = %e, "PURGE failed");
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(r#"{{"error":"{}"}}"#, json_escape(&e.to_string())),
+    )
+}
+
+fn json(status: StatusCode, body: String) -> Response<StampedeBody<ProxyBody>> {
+    let mut res = Response::new(StampedeBody::full(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+/// The characters JSON strings may not hold as they are.
+fn json_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c {
+            '"' => vec!['\\', '"'],
+            '\\' => vec!['\\', '\\'],
+            c if c.is_control() => format!("\\u{:04x}", c as u32).chars().collect(),
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// Compares two secrets in time that depends on their length only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// An IPv4 or IPv6 network, `ADDR/BITS` (a bare address is one host).

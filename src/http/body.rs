@@ -41,7 +41,9 @@ impl<B> fmt::Debug for StampedeBody<B> {
 }
 
 impl<B> StampedeBody<B> {
-    pub(crate) fn full(bytes: Bytes) -> Self {
+    /// A body of these bytes, in one piece: for an answer a service around the layer
+    /// makes itself (an admin endpoint beside the cached routes).
+    pub fn full(bytes: Bytes) -> Self {
         StampedeBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
         }
