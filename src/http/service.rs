@@ -26,7 +26,7 @@ use super::policy::{
     Freshness,
 };
 use super::rfc::{self, Timing};
-use super::shared::{RequestKey, Shared};
+use super::shared::{url_tag, RequestKey, Shared};
 use super::status::Outcome;
 use super::stored;
 use super::BoxError;
@@ -173,6 +173,10 @@ pub(crate) struct Ask {
 pub(crate) struct Job<S, ReqB> {
     call: Mutex<Option<(S, Request<ReqB>)>>,
     stash: Mutex<Option<(stored::Response, Freshness)>>,
+    /// The tag every entry of this URL carries (its variants and index too), so that a
+    /// purge of the URL reaches them all: worked out by the fill that makes the call, not
+    /// on the hit path.
+    url_tag: std::sync::OnceLock<String>,
 }
 
 impl<S, ReqB> Job<S, ReqB> {
@@ -194,9 +198,6 @@ pub(crate) struct HttpFill<S, ReqB> {
     per_user: bool,
     /// For the key of a variant: the header names of the vary index it was built from.
     variant: Option<Vec<HeaderName>>,
-    /// The tag every entry of this URL carries (its variants and index too), so that a
-    /// purge of the URL reaches them all.
-    url_tag: String,
 }
 
 /// Header fields a 304 does not update in the stored answer (RFC 9111 3.2): they describe
@@ -319,7 +320,7 @@ impl<S, ReqB> HttpFill<S, ReqB> {
                         grace: Duration::ZERO,
                         stale_if_error: Duration::ZERO,
                     },
-                    tags: vec![self.url_tag.clone()],
+                    tags: vec![self.url_tag().to_owned()],
                     error: false,
                 }
             }
@@ -327,8 +328,15 @@ impl<S, ReqB> HttpFill<S, ReqB> {
                 own: Ok(full_response(&value)),
                 reason: "vary-changed",
             },
-            _ => to_store(value, &fresh, rfc, &self.url_tag),
+            _ => to_store(value, &fresh, rfc, self.url_tag()),
         }
+    }
+}
+
+impl<S, ReqB> HttpFill<S, ReqB> {
+    /// The tag of this fill's URL (empty until the fill's call worked it out).
+    fn url_tag(&self) -> &str {
+        self.job.url_tag.get().map_or("", String::as_str)
     }
 }
 
@@ -364,6 +372,14 @@ where
         if req.method() == Method::HEAD {
             *req.method_mut() = Method::GET;
         }
+        let (parts, body) = req.into_parts();
+        self.job.url_tag.get_or_init(|| {
+            shared
+                .base_key(&parts)
+                .map(|base| url_tag(&base))
+                .unwrap_or_default()
+        });
+        let mut req = Request::from_parts(parts, body);
         // A stale copy with a validator is revalidated (RFC 9111 4.3.1).
         let revalidating =
             stale.filter(|s| shared.rules.standards() && s.value.ext.rfc && !s.value.is_index());
@@ -438,7 +454,7 @@ where
                             .meta
                             .tags
                             .iter()
-                            .filter(|t| **t != self.url_tag)
+                            .filter(|t| *t != self.url_tag())
                             .cloned()
                             .collect();
                         self.conclude(value, fresh)
@@ -568,11 +584,7 @@ where
     B: HttpBody + Send + 'static,
 {
     let (mut parts, body) = req.into_parts();
-    let RequestKey {
-        key,
-        per_user,
-        url_tag,
-    } = match shared.key_for(&mut parts) {
+    let RequestKey { key, per_user } = match shared.key_for(&mut parts) {
         Ok(key) => key,
         Err(outcome) => {
             shared.core.counters.incr(Event::bypassed);
@@ -628,6 +640,7 @@ where
     let job = Arc::new(Job {
         call: Mutex::new(Some((svc, Request::from_parts(parts, body)))),
         stash: Mutex::new(None),
+        url_tag: std::sync::OnceLock::new(),
     });
     let primary = varied.as_ref().map(|_| (key.canonical.clone(), key.hash.0));
     let fill = HttpFill {
@@ -635,7 +648,6 @@ where
         job: job.clone(),
         per_user,
         variant: None,
-        url_tag: url_tag.clone(),
     };
     let flown = shared.core.get(key, fill).await;
     let index = match &flown {
@@ -669,7 +681,6 @@ where
         job: job.clone(),
         per_user,
         variant: Some(names),
-        url_tag,
     };
     let flown = shared.core.get(variant, fill).await;
     Box::pin(answer(&shared, flown, &job, ask)).await

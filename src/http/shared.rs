@@ -48,7 +48,6 @@ impl Shared {
 
     fn key_for_checked(&self, parts: &Parts, per_user: bool) -> Result<RequestKey, Outcome> {
         let base = self.base_key(parts).ok_or(Outcome::Bypass("key"))?;
-        let url_tag = url_tag(&base);
         Ok(RequestKey {
             key: Key::new(request_key(
                 base,
@@ -58,7 +57,6 @@ impl Shared {
                 self.rules.key_accept_encoding,
             )),
             per_user,
-            url_tag,
         })
     }
 
@@ -96,9 +94,6 @@ pub(crate) struct RequestKey {
     pub(crate) key: Key,
     /// Cached per user: the credentials are part of the key.
     pub(crate) per_user: bool,
-    /// The tag every entry of this URL carries (all its variants), so that a purge of the
-    /// URL reaches them all.
-    pub(crate) url_tag: String,
 }
 
 /// The tag of every entry of one URL: the hash of its base key, short enough for the
