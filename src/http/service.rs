@@ -650,12 +650,21 @@ where
         variant: None,
     };
     let flown = shared.core.get(key, fill).await;
-    let index = match &flown {
-        Flown::Value(stored, _) if stored.value.is_index() => Some(stored.clone()),
-        _ => None,
+    let index = match flown {
+        Flown::Value(stored, _) if stored.value.is_index() => Some(stored),
+        // The hit path: answered here, with nothing boxed.
+        Flown::Value(stored, outcome) => {
+            let ask = Ask {
+                now: now_ms(),
+                ..ask
+            };
+            return Ok(shared.respond(&stored, outcome.into(), &ask));
+        }
+        other => return Box::pin(answer(&shared, other, &job, ask)).await,
     };
     let (Some(index), Some(headers), Some((canonical, hash))) = (index, varied, primary) else {
-        return Box::pin(answer(&shared, flown, &job, ask)).await;
+        // A vary index where none was asked for (not the standards mode): bytes not of ours.
+        return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
     };
     // A vary index: the variant is keyed on the normalized values of the headers it names.
     let names = index_names(&index.value);
