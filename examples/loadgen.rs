@@ -25,10 +25,12 @@
 //! * `/__warm` (and any other `/__` path): `ok` at once, uncounted, cacheable (the
 //!   stampede uses it to open and check its connections before the clock starts);
 //! * `/2k/...`: `"<path> #<n>"` padded to exactly 2048 bytes;
+//! * `/nostore/...`: `"<path> #<n>"` with `Cache-Control: no-store` (never stored: each
+//!   leaves a hit-for-pass marker in the cache);
 //! * anything else: `"<path> #<n>"`, where `n` counts the calls for that path.
 //!
-//! Every counted answer comes after `--delay` and carries `Cache-Control: public,
-//! max-age=60`.
+//! Every counted answer comes after `--delay` and, but for `/nostore/`, carries
+//! `Cache-Control: public, max-age=60`.
 //!
 //! **How the stampede measures.** Each client owns one HTTP/1.1 keep-alive connection
 //! (hyper's connection-level client), opened before the clock starts and checked with one
@@ -280,6 +282,12 @@ async fn answer(
         body.truncate(TWO_K);
         let pad = TWO_K - body.len();
         body.extend(std::iter::repeat_n('.', pad));
+    }
+    if path.starts_with("/nostore/") {
+        let mut res = text(StatusCode::OK, body);
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(res);
     }
     Ok(cacheable(text(StatusCode::OK, body)))
 }

@@ -312,6 +312,12 @@ async fn redis_paused_fails_open_without_hanging() {
     let svc = layer.layer(upstream.service());
     svc.clone().oneshot(get("/warm")).await.unwrap();
     server.pause();
+    // Frozen for sure before the requests: a PING no longer gets its answer (bounded).
+    let mut tries = 0;
+    while support::ping(server.port()) {
+        tries += 1;
+        assert!(tries < 100, "redis-server never froze");
+    }
     for i in 0..5 {
         let res = svc.clone().oneshot(get(&format!("/p{i}"))).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
