@@ -446,9 +446,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         forward_headers = ?args.forward_headers,
         "proxy ready"
     );
+    // Ready from here: the listener is bound (connections queue until the loop below
+    // accepts them), so whoever reads the next line finds /readyz answering 200.
+    ready.store(true, Ordering::Release);
     // A stable line: tests and scripts read the bound address from it.
     tracing::info!("listening on {local}");
-    ready.store(true, Ordering::Release);
 
     let server = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
