@@ -188,22 +188,8 @@ async fn hit_for_pass_markers_count_toward_the_memory_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_missed_the_wake_up_reads_the_failure_marker_instead_of_retrying() {
     let server = RedisServer::start();
-    let mut admin = server.conn().await;
     // Node B's user may not subscribe: it never hears a wake-up and has to poll.
-    let () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "deaf",
-            "on",
-            ">pw",
-            "~*",
-            "resetchannels",
-            "+@all",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let deaf_url = format!("redis://deaf:pw@127.0.0.1:{}/", server.port());
+    let deaf_url = server.deaf_url().await;
     let upstream = Upstream::new(Duration::from_millis(400));
     upstream.fail(true);
     let a = node(&server).error_ttl(Duration::ZERO).build();

@@ -137,29 +137,14 @@ async fn wait_for_envelope(conn: &mut redis::aio::MultiplexedConnection, key: &s
     .await;
 }
 
-/// One field of `INFO section`.
+/// One number of `INFO section`, 0 when absent.
 async fn info_field(
     conn: &mut redis::aio::MultiplexedConnection,
     section: &str,
     field: &str,
 ) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query_async(conn)
+    support::info_number(conn, section, field)
         .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| rest.strip_prefix(':'))
-        .map(|v| {
-            v.split(',')
-                .next()
-                .unwrap_or(v)
-                .trim_start_matches("calls=")
-                .trim()
-                .parse()
-                .unwrap()
-        })
         .unwrap_or(0)
 }
 
@@ -390,7 +375,14 @@ async fn a_hostile_wake_up_message_does_not_stop_wake_ups() {
         assert_eq!(body, format!("{path} #{}", attempt + 1));
         assert_eq!(publish(&mut conn, &[b'0'; 64]).await, 1);
         heard_all(1).await;
-        let bytes: Vec<u8> = conn.get(value_key(&path)).await.unwrap();
+        // The answer comes before the write: wait (bounded) for B's entry to land.
+        let key = value_key(&path);
+        eventually(&format!("B's entry for {path} stored"), || {
+            let (mut conn, key) = (conn.clone(), key.clone());
+            async move { conn.exists(&key).await.unwrap() }
+        })
+        .await;
+        let bytes: Vec<u8> = conn.get(&key).await.unwrap();
         let at = 3 + 1 + 1 + 4 + format!("GET http://test{path}").len() + 8;
         let fresh_until = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
         if now_ms() < fresh_until {

@@ -187,25 +187,12 @@ async fn a_purge_during_a_fill_keeps_the_older_answer_from_being_served_after_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_missed_the_purge_drops_its_copy_within_the_bound() {
     let server = RedisServer::start();
-    let mut admin = server.conn().await;
     // Node B's user may not subscribe: it never hears the purge broadcast.
-    let () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "deaf",
-            "on",
-            ">pw",
-            "~*",
-            "resetchannels",
-            "+@all",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let deaf_url = server.deaf_url().await;
     let upstream = Upstream::new(Duration::ZERO);
     let a = node(&server).build();
     let b = StampedeLayer::builder()
-        .backend(Backend::redis(format!("redis://deaf:pw@127.0.0.1:{}/", server.port())).unwrap())
+        .backend(Backend::redis(deaf_url).unwrap())
         .redis_timeout(Duration::from_secs(1))
         .purge_check(Duration::from_millis(200))
         .build();

@@ -26,14 +26,8 @@ async fn info_field(
     section: &str,
     name: &str,
 ) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query_async(conn)
+    support::info_number(conn, section, name)
         .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in INFO {section}"))
 }
 

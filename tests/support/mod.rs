@@ -127,6 +127,26 @@ impl RedisServer {
         }
     }
 
+    /// A URL for a user that may do everything but subscribe to channels: a node using it
+    /// never hears a wake-up or a purge broadcast and has to poll.
+    pub async fn deaf_url(&self) -> String {
+        let mut admin = self.conn().await;
+        let () = redis::cmd("ACL")
+            .arg(&[
+                "SETUSER",
+                "deaf",
+                "on",
+                ">pw",
+                "~*",
+                "resetchannels",
+                "+@all",
+            ])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        format!("redis://deaf:pw@127.0.0.1:{}/", self.port)
+    }
+
     /// Kills the server (SIGKILL) and waits for it to go.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -339,6 +359,23 @@ pub fn info_field(info: &str, field: &str) -> Option<String> {
         let (k, v) = line.trim_end().split_once(':')?;
         (k == field).then(|| v.to_owned())
     })
+}
+
+/// A number of `INFO section`: the value of `field:N`, or the `calls=N` of a
+/// `cmdstat_...:calls=N,usec=...` line; `None` when the field is absent.
+pub async fn info_number(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> Option<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let value = info_field(&info, field)?;
+    let first = value.split(',').next().unwrap_or(&value);
+    first.trim_start_matches("calls=").trim().parse().ok()
 }
 
 /// Runs a tool (`redis-cli`, `openssl`) to completion, bounded by `timeout` (killed
