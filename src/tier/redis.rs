@@ -460,12 +460,26 @@ impl<S: Source> RedisTier<S> {
     ) -> Result<u64, BackendError> {
         let epoch = self.next_epoch().await?;
         let tk = self.tag_key(tag);
-        let members: Vec<Vec<u8>> = {
-            let tk = tk.clone();
+        // The tag is announced first: a node that then hears its entries' purges has
+        // noted the tag's already (one channel, in order), so a fill of a tagged key that
+        // starts after the purge is never mistaken for one it overtook.
+        let mut message = tag_hash.hex().into_bytes();
+        message.extend_from_slice(wake::INVALIDATED);
+        message.extend_from_slice(epoch.to_string().as_bytes());
+        let (members,): (Vec<Vec<u8>>,) = {
+            let (tk, broadcast) = (tk.clone(), self.broadcast.clone());
             self.conn
-                .run(
-                    |mut c| async move { redis::cmd("SMEMBERS").arg(tk).query_async(&mut c).await },
-                )
+                .run(|mut c| async move {
+                    redis::pipe()
+                        .cmd("SMEMBERS")
+                        .arg(tk)
+                        .cmd("PUBLISH")
+                        .arg(broadcast)
+                        .arg(message)
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                })
                 .await?
         };
         let mut purged = 0;
@@ -477,24 +491,9 @@ impl<S: Source> RedisTier<S> {
                 .await?;
             purged += 1;
         }
-        let mut message = tag_hash.hex().into_bytes();
-        message.extend_from_slice(wake::INVALIDATED);
-        message.extend_from_slice(epoch.to_string().as_bytes());
-        let broadcast = self.broadcast.clone();
         let () = self
             .conn
-            .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("PUBLISH")
-                    .arg(broadcast)
-                    .arg(message)
-                    .ignore()
-                    .cmd("DEL")
-                    .arg(tk)
-                    .ignore()
-                    .query_async(&mut c)
-                    .await
-            })
+            .run(|mut c| async move { redis::cmd("DEL").arg(tk).query_async(&mut c).await })
             .await?;
         Ok(purged)
     }
