@@ -748,6 +748,8 @@ where
                 match self.store(key, value, windows, tags, fill_ms) {
                     Some((stored, bytes)) => {
                         self.l1.insert(key.hash.0, stored.clone()).await;
+                        // Counted once in place: whoever sees the count finds the value.
+                        self.counters.incr(Event::stored);
                         let ttl = stored.meta.time_to_live(now_ms());
                         self.finish(
                             key,
@@ -796,7 +798,6 @@ where
         let meta = Meta::value(now_ms(), windows, fill_ms, tags);
         match C::encode(&value) {
             Ok(payload) => {
-                self.counters.incr(Event::stored);
                 let bytes = entry::encode(&key.canonical, &meta, &payload);
                 Some((self.stored_entry(key, meta, value, payload.len()), bytes))
             }
@@ -1253,6 +1254,7 @@ async fn fly<T, C, F>(
                         Led::Value(stored.clone(), Outcome::Stored),
                     )
                     .await;
+                    core.counters.incr(Event::stored);
                     let ttl = stored.meta.time_to_live(now_ms());
                     core.finish(
                         &key,
