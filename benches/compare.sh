@@ -5,7 +5,8 @@
 # vs nginx, one core each, wrk on the other) and the proxy's memory with 100k cached
 # 2 KiB answers.
 #
-#   bash benches/compare.sh
+#   bash benches/compare.sh                 # every section
+#   bash benches/compare.sh fleet hit       # only these (fleet, hit, memory)
 #
 # Everything listens on 127.0.0.1 only, on free ports (never 80 or 6379), runs from a
 # temporary directory, is bounded by timeouts and is stopped on exit. Missing tools
@@ -22,6 +23,18 @@ B_CLIENTS=3000
 B_KEYS=100
 WRK_SECONDS=10
 FILL_KEYS=100000
+
+SECTIONS=" ${*:-fleet hit memory} "
+for section in $SECTIONS; do
+  case $section in
+    fleet | hit | memory) ;;
+    *)
+      printf 'compare.sh: unknown section %s (known: fleet hit memory)\n' "$section" >&2
+      exit 2
+      ;;
+  esac
+done
+want() { case "$SECTIONS" in *" $1 "*) return 0 ;; esac; return 1; }
 
 say() { printf '%s\n' "$*"; }
 log() { printf '# %s\n' "$*" >&2; }
@@ -301,6 +314,7 @@ start_varnish() {
   wait_url "http://127.0.0.1:$LAST_PORT/__warm"
 }
 
+if want fleet; then
 log "starting 3 × ours (one shared redis-server), 3 × nginx, 3 × varnish"
 OURS=() NGINX=() VARNISH=() OURS_PIDS=() NGINX_PIDS=() VARNISH_PIDS=()
 for n in 1 2 3; do
@@ -367,10 +381,12 @@ scenario "Scenario B: $B_CLIENTS clients, $B_KEYS cold keys, upstream $UPSTREAM_
 
 log "stopping the scenario fronts"
 for pid in "${OURS_PIDS[@]}" "${NGINX_PIDS[@]}" "${VARNISH_PIDS[@]}"; do stop_pid "$pid"; done
+fi
 
 # ---------------------------------------------------------------------------------------
 # Hit throughput: one core each
 # ---------------------------------------------------------------------------------------
+if want hit; then
 
 say ""
 say "## Hit throughput (wrk -t1 -c64 -d${WRK_SECONDS}s on one warm key)"
@@ -442,9 +458,12 @@ say ""
 say "ours: proxy --workers 1 ($OURS_THREADS threads, all pinned), Cache-Status \`$OURS_STATUS\`, $OURS_HEAD-byte response head; nginx: worker_processes 1, access_log off, X-Cache-Status \`$NGINX_STATUS\`, $NGINX_HEAD-byte head; nginx-ofc: the same plus \`open_file_cache max=1000 inactive=60s\`; body $HOT_BODY bytes from all; $pinning."
 say ""
 
+fi
+
 # ---------------------------------------------------------------------------------------
 # Memory: 100k distinct 2 KiB answers in L1
 # ---------------------------------------------------------------------------------------
+if want memory; then
 
 say ""
 say "## Memory: $FILL_KEYS distinct 2 KiB answers through one proxy (local backend, --max-body 4096 --ttl 1h)"
@@ -482,5 +501,6 @@ done
 say ""
 say "Raw payload: $FILL_KEYS × 2048 bytes = $(mib "$PAYLOAD_KB"). RSS from /proc/PID/status (VmRSS; peak: VmHWM). The 2nd pass asks for the same keys newest first: its hits are the entries L1 still held after the fill."
 say "$MEM_NOTES"
+fi
 say ""
 say "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
