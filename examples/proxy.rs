@@ -69,7 +69,8 @@
 //! The `--metrics-listen` address also serves `GET /healthz` (200 while the process runs,
 //! with a JSON body: backend, `"redis":"up"|"down"`, `"breaker":"closed"|"open"`, L1
 //! figures; a node whose Redis is down still serves, from its own memory, so it is live)
-//! and `GET /readyz` (503 until the proxy listener is serving, then 200).
+//! and `GET /readyz` (503 until the proxy listener is serving, then 200; with
+//! `--require-redis`, 503 again whenever Redis does not answer, and 200 once it does).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -157,8 +158,9 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "redis_client_cert")]
     redis_client_key: Option<std::path::PathBuf>,
 
-    /// Fail at start-up (non-zero exit) unless Redis answers. Without it a proxy whose Redis
-    /// is down starts anyway and serves from its own memory until Redis answers.
+    /// Fail at start-up (non-zero exit) unless Redis answers, and afterwards answer
+    /// `/readyz` with 503 whenever Redis does not. Without it a proxy whose Redis is down
+    /// starts anyway, serves from its own memory until Redis answers, and stays ready.
     #[arg(long)]
     require_redis: bool,
 
@@ -398,6 +400,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
             handle,
             layer: layer.clone(),
             ready: ready.clone(),
+            require_redis: args.require_redis,
             last: Arc::new(tokio::sync::Mutex::new(None)),
         };
         serve_ops(listener, ops);
@@ -581,12 +584,14 @@ struct Ops {
     layer: StampedeLayer,
     /// Set once the proxy listener serves.
     ready: Arc<AtomicBool>,
-    /// The last backend probe and when it was made: `/healthz` asks Redis at most once a
-    /// second, however often it is called.
+    /// `--require-redis`: ready only while Redis answers.
+    require_redis: bool,
+    /// The last backend probe and when it was made: `/healthz` and `/readyz` ask Redis at
+    /// most once a second between them, however often they are called.
     last: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, BackendHealth)>>>,
 }
 
-/// How long a backend probe answers `/healthz`.
+/// How long a backend probe answers `/healthz` (and `/readyz` with `--require-redis`).
 const HEALTH_FRESH: Duration = Duration::from_secs(1);
 
 impl Ops {
@@ -647,14 +652,27 @@ impl Ops {
                 json_response(StatusCode::OK, body)
             }
             "/readyz" => {
-                if self.ready.load(Ordering::Acquire) {
-                    json_response(StatusCode::OK, "{\"status\":\"ready\"}\n".to_owned())
-                } else {
-                    json_response(
+                if !self.ready.load(Ordering::Acquire) {
+                    return json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "{\"status\":\"starting\"}\n".to_owned(),
-                    )
+                    );
                 }
+                // A node that must not serve without Redis follows it: the same probe as
+                // `/healthz` (shared, at most once a second, within the Redis deadline).
+                if self.require_redis {
+                    let health = self.health().await;
+                    if !health.is_up() {
+                        return json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "{{\"status\":\"redis down\",\"problem\":{}}}\n",
+                                json_string(&health.to_string())
+                            ),
+                        );
+                    }
+                }
+                json_response(StatusCode::OK, "{\"status\":\"ready\"}\n".to_owned())
             }
             _ => text_response(StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n"),
         }

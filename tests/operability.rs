@@ -1,6 +1,7 @@
 //! Day one for an operator, on the `proxy` example as a real process: what it logs about a
-//! Redis it cannot use, `--require-redis`, `/healthz` and `/readyz`, and a `/metrics` page
-//! worth scraping (help text, histograms with buckets, L1 gauges).
+//! Redis it cannot use, `--require-redis` (at start-up and in `/readyz` afterwards),
+//! `/healthz` and `/readyz`, and a `/metrics` page worth scraping (help text, histograms
+//! with buckets, L1 gauges).
 //!
 //! The example binary must be built first (`cargo build --examples`); `cargo test` does it.
 
@@ -266,11 +267,69 @@ async fn a_node_whose_redis_is_down_is_live_and_says_so() {
     };
     assert!(body.contains(r#""status":"ok""#), "{body}");
     assert!(body.contains("unreachable"), "{body}");
-    // It still serves (from its own memory), so it is ready.
+    // It still serves (from its own memory), so it is ready: without `--require-redis`
+    // readiness does not follow Redis.
     let (status, _) = get(&proxy.url("/page")).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = get(&format!("http://{ops}/readyz")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Polls `/readyz` (bounded) until it answers `want`; returns the body. The probe behind
+/// it is reused for a second, so a change in Redis shows within about that.
+async fn wait_for_readyz(ops: SocketAddr, want: StatusCode, why: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = get(&format!("http://{ops}/readyz")).await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {status} ({body}), not {want}, {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_redis_readiness_follows_redis() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &upstream().await,
+        &[
+            "--redis",
+            &redis.url(),
+            "--require-redis",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let ops = metrics_addr(&proxy);
+    let body = wait_for_readyz(ops, StatusCode::OK, "with Redis up").await;
+    assert!(body.contains(r#""status":"ready""#), "{body}");
+
+    // Redis gone: not ready, though still live and still serving (fail-open).
+    redis.kill();
+    let body = wait_for_readyz(ops, StatusCode::SERVICE_UNAVAILABLE, "after Redis died").await;
+    assert!(body.contains(r#""status":"redis down""#), "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+    let (status, body) = get(&format!("http://{ops}/healthz")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(r#""redis":"down""#), "{body}");
+    let (status, _) = get(&proxy.url("/page")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Back on the same port: ready again.
+    redis.restart();
+    wait_for_readyz(ops, StatusCode::OK, "after Redis came back").await;
+
+    // Frozen (SIGSTOP): the probe gives up at the Redis deadline, and readiness with it.
+    redis.pause();
+    let body = wait_for_readyz(ops, StatusCode::SERVICE_UNAVAILABLE, "with Redis frozen").await;
+    assert!(body.contains(r#""status":"redis down""#), "{body}");
+    redis.resume();
+    wait_for_readyz(ops, StatusCode::OK, "after Redis thawed").await;
 }
 
 // ---------------------------------------------------------------------------------------
