@@ -1,5 +1,5 @@
-//! A small load tool for `benches/compare.sh`: a counting upstream, a stampede generator
-//! and a cache filler.
+//! A small load tool for `benches/compare.sh`: a counting upstream, a stampede generator,
+//! a cache filler and a bare server.
 //!
 //! ```text
 //! # a counting upstream: "<path> #<n>" after 200 ms, `Cache-Control: public, max-age=60`
@@ -12,6 +12,10 @@
 //!     --targets http://127.0.0.1:8081,http://127.0.0.1:8082,http://127.0.0.1:8083 \
 //!     --clients 300 --keys 1
 //! #   clients=300 keys=1 ok=300 errors=0 p50_ms=203.1 p99_ms=210.4 max_ms=211.0 ...
+//!
+//! # the same answer as a cache gives, from a bare hyper server (the hit path's limit)
+//! cargo run --release --example loadgen -- --workers 1 bare --listen 127.0.0.1:9100 \
+//!     --copy-of http://127.0.0.1:8081/2k/hot
 //!
 //! # 100k distinct 2 KiB answers through a cache, 64 at a time
 //! cargo run --release --example loadgen -- fill --target http://127.0.0.1:8081 \
@@ -66,7 +70,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Parser, Debug)]
 #[command(
     name = "loadgen",
-    about = "Load tools for benches/compare.sh: a counting upstream, a stampede, a cache filler"
+    about = "Load tools for benches/compare.sh: a counting upstream, a stampede, a cache filler, a bare server"
 )]
 struct Cli {
     /// Tokio worker threads (default: one per CPU).
@@ -85,6 +89,22 @@ enum Command {
     Stampede(StampedeArgs),
     /// Requests many distinct keys once each, to fill a cache.
     Fill(FillArgs),
+    /// A bare hyper server answering every request with one answer held in memory: the
+    /// limit a cache's hit path is measured against.
+    Bare(BareArgs),
+}
+
+#[derive(Args, Debug)]
+struct BareArgs {
+    /// Address to listen on; port 0 picks a free port (logged as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    listen: SocketAddr,
+
+    /// The answer to serve: fetched once from this URL at start (status, headers and
+    /// body, less `date`, `content-length` and hop-by-hop headers, which hyper writes),
+    /// so that the bare server sends the same bytes as the cache it is compared with.
+    #[arg(long)]
+    copy_of: Uri,
 }
 
 #[derive(Args, Debug)]
@@ -170,6 +190,7 @@ fn main() -> Result<(), BoxError> {
             Command::Upstream(args) => upstream(args).await,
             Command::Stampede(args) => stampede(args).await,
             Command::Fill(args) => fill(args).await,
+            Command::Bare(args) => bare(args).await,
         }
     });
     // Connection tasks may still be parked on sockets; do not wait for them.
@@ -290,6 +311,62 @@ async fn answer(
         return Ok(res);
     }
     Ok(cacheable(text(StatusCode::OK, body)))
+}
+
+// ---------------------------------------------------------------------------------------
+// bare
+// ---------------------------------------------------------------------------------------
+
+/// Serves one answer from memory, with the proxy example's server setup (hyper-util's
+/// HTTP/1 + HTTP/2 `auto` builder, `TCP_NODELAY`, one task per connection) and nothing
+/// else: no routing, no key, no lookup.
+async fn bare(args: BareArgs) -> Result<(), BoxError> {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let res = tokio::time::timeout(Duration::from_secs(10), client.get(args.copy_of.clone()))
+        .await
+        .map_err(|_| format!("{}: timed out", args.copy_of))??;
+    let (mut parts, body) = res.into_parts();
+    let body = body.collect().await?.to_bytes();
+    for name in [
+        header::DATE,
+        header::CONTENT_LENGTH,
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+    ] {
+        parts.headers.remove(name);
+    }
+    let answer = Arc::new((parts.status, parts.headers, body));
+
+    let listener = TcpListener::bind(args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("bare: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let answer = answer.clone();
+        let service = hyper::service::service_fn(move |_: Request<Incoming>| {
+            let (status, headers, body) = &*answer;
+            let mut res = Response::new(Full::new(body.clone()));
+            *res.status_mut() = *status;
+            *res.headers_mut() = headers.clone();
+            std::future::ready(Ok::<_, Infallible>(res))
+        });
+        let conn = server
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -379,7 +379,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 return None;
             }
             let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
-            let mut key = format!("{} {origin_key}{pq}", parts.method);
+            let method = parts.method.as_str();
+            let mut key = String::with_capacity(method.len() + origin_key.len() + pq.len() + 64);
+            for part in [method, " ", &origin_key, pq] {
+                key.push_str(part);
+            }
             if key_host {
                 key.push_str("\nhost:");
                 key.push_str(client_host(parts).as_deref().unwrap_or(""));
@@ -425,7 +429,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
         operator: args.forward_headers.clone(),
     };
     let forward = Forward::new(origin, args.upstream_timeout, forwarding);
-    let stack = layer.layer(forward);
     let purging = Arc::new(Purging {
         layer: layer.clone(),
         allow: args.purge_allow.clone(),
@@ -473,7 +476,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let stack = stack.clone();
+                let stack = layer.layer(forward.for_peer(peer));
                 let purging = purging.clone();
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     if req.method().as_str() == "PURGE" {
@@ -482,7 +485,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
                             Ok::<_, Infallible>(purging.handle(&req, peer.ip()).await)
                         });
                     }
-                    req.extensions_mut().insert(ClientAddr(peer));
                     // An HTTP/2 body may come without `Content-Length`, where the layer
                     // cannot see it: such a GET/HEAD is not keyed either.
                     if matches!(*req.method(), Method::GET | Method::HEAD)
@@ -790,10 +792,6 @@ impl Origin {
             .build()
     }
 }
-
-/// The client's address, put into each request's extensions by the accept loop.
-#[derive(Clone, Copy, Debug)]
-struct ClientAddr(SocketAddr);
 
 /// Marks a `GET`/`HEAD` whose body is announced by neither `Content-Length` nor
 /// `Transfer-Encoding` (HTTP/2): the key function skips it, and it goes upstream chunked.
@@ -1148,10 +1146,28 @@ fn forwarded_element(ip: IpAddr) -> String {
     }
 }
 
-/// The forwarding service: sends a request to the upstream and streams its answer back.
-/// It never fails: upstream errors become `502`/`504` responses.
+/// The forwarding service of one client connection: sends a request to the upstream and
+/// streams its answer back. It never fails: upstream errors become `502`/`504` responses.
+/// Cheap to clone (the layer clones it for every request).
 #[derive(Clone)]
 struct Forward {
+    upstream: Arc<Upstream>,
+    /// The client connection's peer, for the forwarding headers.
+    peer: Option<IpAddr>,
+}
+
+impl Forward {
+    /// The forwarding service of a connection from `peer`.
+    fn for_peer(&self, peer: SocketAddr) -> Forward {
+        Forward {
+            upstream: self.upstream.clone(),
+            peer: Some(peer.ip()),
+        }
+    }
+}
+
+/// The upstream every connection forwards to, and how.
+struct Upstream {
     client: Client<HttpConnector, Incoming>,
     origin: Origin,
     timeout: Duration,
@@ -1169,15 +1185,24 @@ impl Forward {
             .pool_max_idle_per_host(1024)
             .build(connector);
         Forward {
-            client,
-            origin,
-            timeout,
-            forwarding,
+            upstream: Arc::new(Upstream {
+                client,
+                origin,
+                timeout,
+                forwarding,
+            }),
+            peer: None,
         }
     }
+}
 
-    /// Turns the client's request into the upstream's.
-    fn upstream_request(&self, req: Request<Incoming>) -> Result<Request<Incoming>, http::Error> {
+impl Upstream {
+    /// Turns the client's request (from `peer`) into the upstream's.
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<IpAddr>,
+    ) -> Result<Request<Incoming>, http::Error> {
         let (mut parts, body) = req.into_parts();
         // Read before the target and the Host are rewritten to the upstream's.
         let host = if self.forwarding.key_host {
@@ -1197,10 +1222,6 @@ impl Forward {
             );
         }
         parts.headers.insert(header::HOST, self.origin.host.clone());
-        let peer = parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(|ClientAddr(addr)| addr.ip());
         self.forwarding
             .apply(&mut parts.headers, &parts.method, peer, host);
         Ok(Request::from_parts(parts, body))
@@ -1219,9 +1240,9 @@ impl Service<Request<Incoming>> for Forward {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let req = self.upstream_request(req);
-        let client = self.client.clone();
-        let timeout = self.timeout;
+        let req = self.upstream.upstream_request(req, self.peer);
+        let client = self.upstream.client.clone();
+        let timeout = self.upstream.timeout;
         Box::pin(async move {
             let req = match req {
                 Ok(req) => req,

@@ -108,8 +108,8 @@ pub(crate) fn tag_hash(tag: &str) -> KeyHash {
 /// One entry in memory: its meta, its decoded value and what it weighs.
 #[derive(Debug)]
 pub(crate) struct Stored<T> {
-    /// The canonical key: a wake-up carrying a value is decoded against it.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The canonical key: a wake-up carrying a value is decoded against it, and the
+    /// HTTP layer builds a vary index's variant keys on it.
     pub(crate) key: String,
     pub(crate) meta: Meta,
     pub(crate) value: T,
@@ -552,7 +552,8 @@ where
                 return Flown::Value(entry, Outcome::Stale);
             }
             // Past the revalidation window: a miss, with this copy kept for stale-if-error.
-            self.l1.invalidate(&key.hash.0).await;
+            // Boxed: moka's invalidation future is large, and a hit should not carry it.
+            Box::pin(self.l1.invalidate(&key.hash.0)).await;
             fallback = Some(entry).filter(|e| e.meta.is_usable_at(now));
         }
         if self.is_pass(&key.hash) {

@@ -1,25 +1,51 @@
 //! The response future of [`Stampede`](crate::Stampede).
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::Response;
 
 use super::body::StampedeBody;
+use super::shared::Shared;
+use super::status::Outcome;
 
 type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<StampedeBody<B>>, E>> + Send>>;
 
+tokio::task_local! {
+    /// The outcome of the request whose future is being polled, noted by `stamp`.
+    pub(crate) static OUTCOME: Cell<Option<Outcome>>;
+}
+
 /// The future returned by [`Stampede`](crate::Stampede). Dropping it never strands a lock
 /// or a waiter: a fill in progress runs on in its own task.
+///
+/// It polls the request path inside the request's `tracing` span and records the
+/// request's duration, up to its response head, by outcome (a request whose future is
+/// dropped records nothing). Both are done here rather than by wrapping the request's
+/// future, so that future is built once, in its box, and never moved again.
 pub struct ResponseFuture<B, E> {
     inner: Boxed<B, E>,
+    span: tracing::Span,
+    shared: Arc<Shared>,
+    started: Instant,
+    /// The outcome noted so far (a request's future may be polled many times).
+    outcome: Option<Outcome>,
 }
 
 impl<B, E> ResponseFuture<B, E> {
-    pub(crate) fn new(inner: Boxed<B, E>) -> Self {
-        ResponseFuture { inner }
+    pub(crate) fn new(inner: Boxed<B, E>, span: tracing::Span, shared: Arc<Shared>) -> Self {
+        ResponseFuture {
+            inner,
+            span,
+            shared,
+            started: Instant::now(),
+            outcome: None,
+        }
     }
 }
 
@@ -32,7 +58,28 @@ impl<B, E> fmt::Debug for ResponseFuture<B, E> {
 impl<B, E> Future for ResponseFuture<B, E> {
     type Output = Result<Response<StampedeBody<B>>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is `Unpin` (the request's future is boxed).
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        if !cfg!(feature = "metrics") {
+            return this.inner.as_mut().poll(cx);
+        }
+        let (poll, outcome) = OUTCOME.sync_scope(Cell::new(this.outcome), || {
+            let poll = this.inner.as_mut().poll(cx);
+            (poll, OUTCOME.with(Cell::get))
+        });
+        this.outcome = outcome;
+        if let Poll::Ready(result) = &poll {
+            let outcome = match result {
+                Ok(_) => this.outcome,
+                Err(_) => None,
+            };
+            this.shared.core.counters.record_request(
+                Outcome::ended(outcome),
+                this.started.elapsed().as_secs_f64(),
+            );
+        }
+        poll
     }
 }

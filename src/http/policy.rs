@@ -192,6 +192,20 @@ impl HttpRules {
         if !self.methods.contains(method) {
             return Err(Outcome::Method);
         }
+        // One pass over the (few) names first: most requests carry none of the headers
+        // looked at below, and each lookup hashes its name.
+        const LOOKED_AT: [HeaderName; 7] = [
+            TRANSFER_ENCODING,
+            CONTENT_LENGTH,
+            RANGE,
+            CACHE_CONTROL,
+            http::header::PRAGMA,
+            AUTHORIZATION,
+            COOKIE,
+        ];
+        if !headers.keys().any(|n| LOOKED_AT.contains(n)) {
+            return Ok(false);
+        }
         // The key holds no body: a request with one must neither fill an entry others are
         // served from nor share another request's answer.
         if has_body(headers) {
@@ -481,26 +495,39 @@ pub(crate) fn normalize_accept_encoding(headers: &mut HeaderMap) {
     let Some(value) = headers.get(ACCEPT_ENCODING) else {
         return;
     };
-    let value = value.to_str().unwrap_or("");
-    let accepts = |coding: &str| {
-        value.split(',').any(|item| {
-            let mut params = item.split(';');
-            let name = params.next().unwrap_or("").trim();
-            let refused = params.any(|p| {
-                let p = p.trim();
-                p.len() >= 2
-                    && p[..2].eq_ignore_ascii_case("q=")
-                    && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-            });
-            (name.eq_ignore_ascii_case(coding) || name == "*") && !refused
-        })
-    };
-    if accepts("br") {
-        headers.insert(ACCEPT_ENCODING, http::HeaderValue::from_static("br"));
-    } else if accepts("gzip") {
-        headers.insert(ACCEPT_ENCODING, http::HeaderValue::from_static("gzip"));
+    // One pass over the list: the best coding accepted (`br`, else `gzip`).
+    let mut br = false;
+    let mut gzip = false;
+    for item in value.to_str().unwrap_or("").split(',') {
+        let mut params = item.split(';');
+        let name = params.next().unwrap_or("").trim();
+        let refused = params.any(|p| {
+            let p = p.trim();
+            p.len() >= 2
+                && p[..2].eq_ignore_ascii_case("q=")
+                && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+        });
+        if refused {
+            continue;
+        }
+        if name == "*" || name.eq_ignore_ascii_case("br") {
+            br = true;
+        } else if name.eq_ignore_ascii_case("gzip") {
+            gzip = true;
+        }
+    }
+    let coding = if br {
+        "br"
+    } else if gzip {
+        "gzip"
     } else {
         headers.remove(ACCEPT_ENCODING);
+        return;
+    };
+    // Already in its normal form (a second pass, or a client that sends just that): the
+    // value stays as it is.
+    if value.as_bytes() != coding.as_bytes() {
+        headers.insert(ACCEPT_ENCODING, http::HeaderValue::from_static(coding));
     }
 }
 
@@ -514,6 +541,18 @@ pub(crate) struct Conditionals {
     pub(crate) if_unmodified_since: Option<http::HeaderValue>,
     pub(crate) if_range: Option<http::HeaderValue>,
     pub(crate) range: Option<http::HeaderValue>,
+}
+
+impl Conditionals {
+    /// No precondition and no range: the stored answer goes out as it is.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.if_match.is_none()
+            && self.if_none_match.is_none()
+            && self.if_modified_since.is_none()
+            && self.if_unmodified_since.is_none()
+            && self.if_range.is_none()
+            && self.range.is_none()
+    }
 }
 
 /// Removes the request's validators (and, when `range` is set, its one byte range) before

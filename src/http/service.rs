@@ -16,11 +16,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tower_service::Service;
-use tracing::Instrument;
 
 use super::body::StampedeBody;
 use super::bounds::{HttpBody, Inner};
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, OUTCOME};
 use super::policy::{
     etag_matches, etag_matches_strong, strip_conditionals, take_tags, ByteRange, Conditionals,
     Freshness,
@@ -120,41 +119,14 @@ where
             key = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        ResponseFuture::new(Box::pin(
-            timed(self.shared.clone(), handle(self.shared.clone(), svc, req)).instrument(span),
-        ))
+        // One allocation, and the request's future is moved once, into it.
+        let shared = self.shared.clone();
+        ResponseFuture::new(
+            Box::pin(handle(self.shared.clone(), svc, req)),
+            span,
+            shared,
+        )
     }
-}
-
-tokio::task_local! {
-    /// The outcome of the request whose future is being polled, noted by `stamp`.
-    static OUTCOME: std::cell::Cell<Option<Outcome>>;
-}
-
-/// Runs a request's future and records its duration, up to the response head, by
-/// outcome. A request whose future is dropped records nothing.
-async fn timed<F, T, E>(shared: Arc<Shared>, request: F) -> Result<T, E>
-where
-    F: std::future::Future<Output = Result<T, E>>,
-{
-    if !cfg!(feature = "metrics") {
-        return request.await;
-    }
-    OUTCOME
-        .scope(std::cell::Cell::new(None), async move {
-            let started = std::time::Instant::now();
-            let result = request.await;
-            let outcome = match &result {
-                Ok(_) => OUTCOME.with(|cell| cell.get()),
-                Err(_) => None,
-            };
-            shared
-                .core
-                .counters
-                .record_request(Outcome::ended(outcome), started.elapsed().as_secs_f64());
-            result
-        })
-        .await
 }
 
 /// What the client asked beyond the key: a body or not, its preconditions and range.
@@ -177,11 +149,42 @@ pub(crate) struct Job<S, ReqB> {
     /// purge of the URL reaches them all: worked out by the fill that makes the call, not
     /// on the hit path.
     url_tag: std::sync::OnceLock<String>,
+    /// Whether a vary index may pick this request's variant: then the fill that takes the
+    /// call keeps a copy of its headers here (a hit never copies them).
+    keeps_headers: bool,
+    headers: std::sync::OnceLock<http::HeaderMap>,
 }
 
 impl<S, ReqB> Job<S, ReqB> {
+    fn new(svc: S, req: Request<ReqB>, keeps_headers: bool) -> Self {
+        Job {
+            call: Mutex::new(Some((svc, req))),
+            stash: Mutex::new(None),
+            url_tag: std::sync::OnceLock::new(),
+            keeps_headers,
+            headers: std::sync::OnceLock::new(),
+        }
+    }
+
     fn take_call(&self) -> Option<(S, Request<ReqB>)> {
-        self.call.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let call = self.call.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((_, req)) = &call {
+            if self.keeps_headers {
+                let _ = self.headers.set(req.headers().clone());
+            }
+        }
+        call
+    }
+
+    /// Runs `f` on the request's headers: those of the call not made yet, else the copy
+    /// its fill kept. `None` when neither is at hand.
+    fn with_headers<R>(&self, f: impl FnOnce(&http::HeaderMap) -> R) -> Option<R> {
+        let call = self.call.lock().unwrap_or_else(|p| p.into_inner());
+        match (&*call, self.headers.get()) {
+            (Some((_, req)), _) => Some(f(req.headers())),
+            (None, Some(headers)) => Some(f(headers)),
+            (None, None) => None,
+        }
     }
 
     fn take_stash(&self) -> Option<(stored::Response, Freshness)> {
@@ -618,12 +621,14 @@ where
                 _ => None,
             };
             if let Some((uri, host, locations)) = invalidate {
-                invalidate_after_unsafe(&shared, &uri, host, locations).await;
+                Box::pin(invalidate_after_unsafe(&shared, &uri, host, locations)).await;
             }
             return res;
         }
     };
-    tracing::Span::current().record("key", tracing::field::display(key.short()));
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("key", tracing::field::display(key.short()));
+    }
     let head = parts.method == Method::HEAD;
     let standards = shared.rules.standards();
     // What goes upstream does so for everyone: without this client's validators.
@@ -636,13 +641,9 @@ where
         now: arrival,
     };
     // The request's headers pick its variant once the primary key names the varied ones.
-    let varied = (standards && shared.rules.max_variants > 0).then(|| parts.headers.clone());
-    let job = Arc::new(Job {
-        call: Mutex::new(Some((svc, Request::from_parts(parts, body)))),
-        stash: Mutex::new(None),
-        url_tag: std::sync::OnceLock::new(),
-    });
-    let primary = varied.as_ref().map(|_| (key.canonical.clone(), key.hash.0));
+    let varies = standards && shared.rules.max_variants > 0;
+    let job = Arc::new(Job::new(svc, Request::from_parts(parts, body), varies));
+    let primary = key.hash.0;
     let fill = HttpFill {
         shared: shared.clone(),
         job: job.clone(),
@@ -662,26 +663,32 @@ where
         }
         other => return Box::pin(answer(&shared, other, &job, ask)).await,
     };
-    let (Some(index), Some(headers), Some((canonical, hash))) = (index, varied, primary) else {
+    let Some(index) = index.filter(|_| varies) else {
         // A vary index where none was asked for (not the standards mode): bytes not of ours.
         return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
     };
     // A vary index: the variant is keyed on the normalized values of the headers it names.
     let names = index_names(&index.value);
-    let mut variant = canonical;
-    variant.push_str("\nvary");
-    for name in &names {
-        match rfc::normalized(&headers, name) {
-            Some(value) => {
-                let _ = write!(variant, "\n{name}:{value}");
-            }
-            None => {
-                let _ = write!(variant, "\n{name}!");
+    let variant = job.with_headers(|headers| {
+        let mut variant = index.key.clone();
+        variant.push_str("\nvary");
+        for name in &names {
+            match rfc::normalized(headers, name) {
+                Some(value) => {
+                    let _ = write!(variant, "\n{name}:{value}");
+                }
+                None => {
+                    let _ = write!(variant, "\n{name}!");
+                }
             }
         }
-    }
+        variant
+    });
+    let Some(variant) = variant else {
+        return Ok(shared.error_response(StatusCode::BAD_GATEWAY, Outcome::UpstreamFailed));
+    };
     let variant = Key::new(variant);
-    if !shared.admit_variant(hash, variant.hash.0).await {
+    if !Box::pin(shared.admit_variant(primary, variant.hash.0)).await {
         shared.core.counters.incr(Event::bypassed);
         return Box::pin(answer_own(&shared, &job, Outcome::Bypass("variants"))).await;
     }
@@ -836,10 +843,23 @@ where
 impl Shared {
     /// Adds this cache's `Cache-Status` entry after any from upstream caches. In standards
     /// mode the fields targeted at this cache (RFC 9213) go no further.
-    pub(crate) fn stamp<B>(&self, mut res: Response<B>, outcome: Outcome) -> Response<B> {
-        tracing::Span::current().record("outcome", outcome.name());
+    pub(crate) fn stamp<B>(&self, res: Response<B>, outcome: Outcome) -> Response<B> {
+        self.stamp_with(res, outcome, true)
+    }
+
+    /// [`stamp`](Self::stamp), with the targeted fields removed only when `untargeted`
+    /// (a stored answer's were left out when its headers were copied).
+    fn stamp_with<B>(
+        &self,
+        mut res: Response<B>,
+        outcome: Outcome,
+        untargeted: bool,
+    ) -> Response<B> {
+        if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::Span::current().record("outcome", outcome.name());
+        }
         let _ = OUTCOME.try_with(|cell| cell.set(Some(outcome)));
-        if self.rules.standards() {
+        if untargeted && self.rules.standards() {
             for name in &self.rules.targeted {
                 res.headers_mut().remove(name);
             }
@@ -884,21 +904,35 @@ impl Shared {
             self.core.counters.incr(Event::stale_served);
         }
         let mut res = Response::new(StampedeBody::empty());
-        *res.headers_mut() = entry.headers.clone();
+        // Room for `Age` and `Cache-Status` up front: a clone of the stored map would be
+        // grown (and rehashed) by them on every hit.
+        // In standards mode the fields targeted at this cache (RFC 9213) go no further.
+        let targeted: &[HeaderName] = if self.rules.standards() {
+            &self.rules.targeted
+        } else {
+            &[]
+        };
+        let headers = res.headers_mut();
+        headers.reserve(entry.headers.len() + 2);
+        for (name, value) in &entry.headers {
+            if !targeted.contains(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
         *res.status_mut() = entry.status;
         let resident = meta.age_secs(ask.now);
         let age = (u64::from(entry.ext.initial_age) + resident).min(rfc::MAX_DELTA);
-        res.headers_mut().insert(AGE, HeaderValue::from(age));
+        res.headers_mut().insert(AGE, age_value(age));
         match preconditions(entry, ask) {
             Precondition::Failed => {
                 *res.status_mut() = StatusCode::PRECONDITION_FAILED;
                 res.headers_mut().remove(http::header::CONTENT_LENGTH);
-                return self.stamp(res, outcome);
+                return self.stamp_with(res, outcome, false);
             }
             Precondition::NotModified => {
                 *res.status_mut() = StatusCode::NOT_MODIFIED;
                 res.headers_mut().remove(http::header::CONTENT_LENGTH);
-                return self.stamp(res, outcome);
+                return self.stamp_with(res, outcome, false);
             }
             Precondition::Proceed => {}
         }
@@ -936,7 +970,7 @@ impl Shared {
         if !ask.head {
             *res.body_mut() = StampedeBody::full(body);
         }
-        self.stamp(res, outcome)
+        self.stamp_with(res, outcome, false)
     }
 
     /// Admits a variant of a URL, at most `max_variants` per URL on this node.
@@ -968,6 +1002,22 @@ impl Shared {
     }
 }
 
+/// The `Age` value of `secs`: the first minutes from a table of static values, so that a
+/// hit does not allocate one.
+fn age_value(secs: u64) -> HeaderValue {
+    const STATIC_AGES: usize = 1024;
+    static AGES: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let ages = AGES.get_or_init(|| {
+        (0..STATIC_AGES)
+            .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+            .collect()
+    });
+    match ages.get(secs as usize) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(secs),
+    }
+}
+
 /// What the client's preconditions make of a stored answer (RFC 9110 13.2.2).
 enum Precondition {
     Proceed,
@@ -977,11 +1027,11 @@ enum Precondition {
 
 fn preconditions(entry: &stored::Response, ask: &Ask) -> Precondition {
     // Preconditions apply to what would be a 2xx answer only.
-    if !entry.status.is_success() {
+    let cond = &ask.cond;
+    if !entry.status.is_success() || cond.is_empty() {
         return Precondition::Proceed;
     }
-    let modified = entry.headers.get(LAST_MODIFIED).and_then(rfc::http_date_ms);
-    let cond = &ask.cond;
+    let modified = || entry.headers.get(LAST_MODIFIED).and_then(rfc::http_date_ms);
     if let Some(if_match) = &cond.if_match {
         if !etag_matches_strong(if_match, &entry.headers) {
             return Precondition::Failed;
@@ -991,7 +1041,7 @@ fn preconditions(entry: &stored::Response, ask: &Ask) -> Precondition {
         .as_ref()
         .and_then(rfc::http_date_ms)
     {
-        if modified.is_some_and(|m| m > since) {
+        if modified().is_some_and(|m| m > since) {
             return Precondition::Failed;
         }
     }
@@ -1000,7 +1050,7 @@ fn preconditions(entry: &stored::Response, ask: &Ask) -> Precondition {
             return Precondition::NotModified;
         }
     } else if let Some(since) = cond.if_modified_since.as_ref().and_then(rfc::http_date_ms) {
-        if modified.is_some_and(|m| m <= since) {
+        if modified().is_some_and(|m| m <= since) {
             return Precondition::NotModified;
         }
     }
