@@ -384,7 +384,7 @@ for pid in "${OURS_PIDS[@]}" "${NGINX_PIDS[@]}" "${VARNISH_PIDS[@]}"; do stop_pi
 fi
 
 # ---------------------------------------------------------------------------------------
-# Hit throughput: one core each
+# Hit throughput: one core each (ours, a bare hyper server, nginx)
 # ---------------------------------------------------------------------------------------
 if want hit; then
 
@@ -414,19 +414,27 @@ wrk_run() {
   WRK_BAD=$(awk '/Non-2xx or 3xx responses:/ {print "non-2xx:", $NF} /Socket errors:/ {print}' "$out" | tr '\n' ' ')
 }
 
-HOT=/hot-wrk
-# The fronts measured: ours, nginx as configured above, and nginx with its open-file
-# cache (a proxy_cache hit otherwise opens, stats and closes the cache file each time).
-declare -A URL BEST PIDOF
+# A 2 KiB answer (the upstream pads /2k/ paths to 2048 bytes).
+HOT=/2k/hot-wrk
+# The fronts measured: ours; a bare hyper server sending the same answer from memory (the
+# limit of the hit path: loadgen bare copies our answer, head and body, once at start);
+# nginx as configured above; and nginx with its open-file cache (a proxy_cache hit
+# otherwise opens, stats and closes the cache file each time).
+declare -A URL BEST PIDOF RPS
 PIN=("${SERVER_CPU[@]}")
 start_ours wrk-ours --upstream "$UPSTREAM" --redis "$REDIS_URL" --workers 1
 PIN=()
 PIDOF[ours]=$LAST_PID URL[ours]=http://127.0.0.1:$LAST_PORT$HOT
+curl -s -o /dev/null "${URL[ours]}"
+free_port
+start wrk-bare "${SERVER_CPU[@]}" "$LOADGEN" --workers 1 bare --listen "127.0.0.1:$PORT" --copy-of "${URL[ours]}"
+PIDOF[bare]=$LAST_PID URL[bare]=http://127.0.0.1:$PORT$HOT
+wait_url "${URL[bare]}"
 start_nginx wrk-nginx "" "${SERVER_CPU[@]}"
 PIDOF[nginx]=$LAST_PID URL[nginx]=http://127.0.0.1:$LAST_PORT$HOT
 start_nginx wrk-nginx-ofc "open_file_cache max=1000 inactive=60s;" "${SERVER_CPU[@]}"
 PIDOF[nginx-ofc]=$LAST_PID URL[nginx-ofc]=http://127.0.0.1:$LAST_PORT$HOT
-WRK_FRONTS=(ours nginx nginx-ofc)
+WRK_FRONTS=(ours bare nginx nginx-ofc)
 for front in "${WRK_FRONTS[@]}"; do
   curl -s -o /dev/null "${URL[$front]}"
   BEST[$front]=0
@@ -434,28 +442,32 @@ done
 OURS_STATUS=$(curl -s -D - -o /dev/null "${URL[ours]}" | tr -d '\r' | sed -n 's/^cache-status: //Ip')
 NGINX_STATUS=$(curl -s -D - -o /dev/null "${URL[nginx]}" | tr -d '\r' | sed -n 's/^x-cache-status: //Ip')
 OURS_HEAD=$(curl -s -D - -o /dev/null "${URL[ours]}" | wc -c)
+BARE_HEAD=$(curl -s -D - -o /dev/null "${URL[bare]}" | wc -c)
 NGINX_HEAD=$(curl -s -D - -o /dev/null "${URL[nginx]}" | wc -c)
 OURS_THREADS=$(ls "/proc/${PIDOF[ours]}/task" | wc -l)
 HOT_BODY=$(curl -s "${URL[ours]}" | wc -c)
 
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f×", a / b; else print "–"}'; }
 say "| round | front | requests/sec | p50 | p99 | wrk errors |"
 say "|---:|---|---:|---:|---:|---|"
 # Alternate, so that a burst of load from elsewhere on the machine hits every front.
+ROUND_RATIOS=()
 for round in $(seq 1 "$WRK_ROUNDS"); do
   for front in "${WRK_FRONTS[@]}"; do
     wrk_run "$front-$round" "${URL[$front]}"
+    RPS[$front]=${WRK_RPS:-0}
     say "| $round | $front | ${WRK_RPS:-–} | ${WRK_P50:-–} | ${WRK_P99:-–} | ${WRK_BAD:-none} |"
     if [ -n "$WRK_RPS" ]; then
       BEST[$front]=$(awk -v a="${BEST[$front]}" -v b="$WRK_RPS" 'BEGIN {print (b > a) ? b : a}')
     fi
   done
+  ROUND_RATIOS+=("$(ratio "${RPS[ours]}" "${RPS[bare]}")")
 done
 for front in "${WRK_FRONTS[@]}"; do stop_pid "${PIDOF[$front]}"; done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f×", a / b; else print "–"}'; }
 say ""
-say "**ours / nginx = $(ratio "${BEST[ours]}" "${BEST[nginx]}")** (best of $WRK_ROUNDS alternating rounds each: ${BEST[ours]} vs ${BEST[nginx]} requests/sec); ours / nginx with open_file_cache = $(ratio "${BEST[ours]}" "${BEST[nginx-ofc]}") (${BEST[nginx-ofc]} requests/sec)."
+say "**ours / bare hyper = $(ratio "${BEST[ours]}" "${BEST[bare]}")** (best of $WRK_ROUNDS alternating rounds each: ${BEST[ours]} vs ${BEST[bare]} requests/sec; round by round: ${ROUND_RATIOS[*]}); **ours / nginx = $(ratio "${BEST[ours]}" "${BEST[nginx]}")** (${BEST[nginx]} requests/sec); ours / nginx with open_file_cache = $(ratio "${BEST[ours]}" "${BEST[nginx-ofc]}") (${BEST[nginx-ofc]} requests/sec)."
 say ""
-say "ours: proxy --workers 1 ($OURS_THREADS threads, all pinned), Cache-Status \`$OURS_STATUS\`, $OURS_HEAD-byte response head; nginx: worker_processes 1, access_log off, X-Cache-Status \`$NGINX_STATUS\`, $NGINX_HEAD-byte head; nginx-ofc: the same plus \`open_file_cache max=1000 inactive=60s\`; body $HOT_BODY bytes from all; $pinning."
+say "ours: proxy --workers 1 ($OURS_THREADS threads, all pinned), Cache-Status \`$OURS_STATUS\`, $OURS_HEAD-byte response head; bare: \`loadgen --workers 1 bare\` (hyper-util's auto server, as the proxy), $BARE_HEAD-byte head; nginx: worker_processes 1, access_log off, X-Cache-Status \`$NGINX_STATUS\`, $NGINX_HEAD-byte head; nginx-ofc: the same plus \`open_file_cache max=1000 inactive=60s\`; body $HOT_BODY bytes from all; $pinning."
 say ""
 
 fi

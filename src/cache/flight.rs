@@ -534,7 +534,17 @@ where
     /// The whole read: L1 first (fresh: answered; in grace: answered stale while one
     /// refresh runs; an early refresh maybe), then a hit-for-pass marker, then the flight.
     pub(crate) async fn get<F: Fill<T>>(self: &Arc<Self>, key: Key, fill: F) -> Flown<T, F> {
-        let now = now_ms();
+        self.get_at(key, fill, now_ms()).await
+    }
+
+    /// [`get`](Self::get) as of `now` (Unix milliseconds): the caller's clock reading,
+    /// so that a hit reads the clock once.
+    pub(crate) async fn get_at<F: Fill<T>>(
+        self: &Arc<Self>,
+        key: Key,
+        fill: F,
+        now: u64,
+    ) -> Flown<T, F> {
         let mut fallback = None;
         if let Some(entry) = self.l1.get(&key.hash.0).await {
             if entry.meta.is_fresh_at(now) {

@@ -650,10 +650,14 @@ where
         per_user,
         variant: None,
     };
-    let flown = shared.core.get(key, fill).await;
+    let flown = shared.core.get_at(key, fill, arrival).await;
     let index = match flown {
         Flown::Value(stored, _) if stored.value.is_index() => Some(stored),
-        // The hit path: answered here, with nothing boxed.
+        // The hit path: answered here, with nothing boxed, as of its arrival (an answer
+        // from memory takes microseconds; one that waited reads the clock again).
+        Flown::Value(stored, outcome @ crate::cache::flight::Outcome::HitMemory) => {
+            return Ok(shared.respond(&stored, outcome.into(), &ask));
+        }
         Flown::Value(stored, outcome) => {
             let ask = Ask {
                 now: now_ms(),
