@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::codec::Codec;
 use super::entry::{self, now_ms, Kind, Meta, Windows};
+use super::weight;
 use crate::stats::{Counters, Event, FillTimer, LockWait};
 use crate::tier::wake::{is_shared_error, Wake, FAILURE_MARKER_MAX};
 use crate::tier::PrehashedState;
@@ -116,19 +117,12 @@ pub(crate) struct Stored<T> {
     pub(crate) weight: u32,
 }
 
-/// The per-entry bookkeeping charged to the bound beyond the encoded bytes: moka's node,
-/// the `Arc`, the key and meta fields, allocator slack (estimated from RSS measured with
-/// 100k entries, `benches/compare.sh`).
-const PER_ENTRY: usize = 1024;
-
 /// The share of the capacity kept for the hit-for-pass and refresh markers: one
 /// sixteenth, half for each.
 const MARKER_SHARE: u64 = 16;
 
-/// What one marker costs in memory: the 32-byte key and moka's node, its slot in the
-/// hash table and the per-entry bookkeeping (about 140 bytes measured per marker in RSS;
-/// rounded up).
-const MARKER_WEIGHT: u32 = 160;
+/// What one marker costs in memory (see [`weight::MARKER`]).
+const MARKER_WEIGHT: u32 = weight::MARKER as u32;
 
 /// The settings of the flight.
 #[derive(Clone, Debug)]
@@ -434,8 +428,17 @@ where
         value: T,
         payload_len: usize,
     ) -> Arc<Stored<T>> {
-        let weight = (payload_len + key.canonical.len() + PER_ENTRY + C::overhead(&value))
-            .min(u32::MAX as usize);
+        // The heap the entry holds: its `Arc` (two counts and the `Stored`), the key, the
+        // tags, the value (its encoded length, plus what the codec says its decoded form
+        // takes beyond that) and moka's node.
+        let weight =
+            weight::heap(2 * std::mem::size_of::<usize>() + std::mem::size_of::<Stored<T>>())
+                .saturating_add(weight::heap(key.canonical.len()))
+                .saturating_add(weight::tags(&meta.tags))
+                .saturating_add(payload_len)
+                .saturating_add(C::overhead(&value))
+                .saturating_add(weight::CACHE_NODE)
+                .min(u32::MAX as usize);
         Arc::new(Stored {
             key: key.canonical.clone(),
             meta,

@@ -40,6 +40,7 @@ use std::time::Duration;
 pub(crate) mod codec;
 pub(crate) mod entry;
 pub(crate) mod flight;
+pub(crate) mod weight;
 
 #[cfg(feature = "serde")]
 pub use codec::Postcard;
