@@ -70,12 +70,24 @@ fn live() -> i64 {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// What the upstream's answers say of caching.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Fresh for ten minutes.
+    Cacheable,
+    /// `no-store`: each leaves a hit-for-pass marker.
+    NoStore,
+    /// Fresh for ten minutes, varying on a request header: each URL stores a vary index, a
+    /// variant and a variant list.
+    Varying,
+}
+
 /// An upstream answering every path with `body_len` bytes and the headers a typical origin
-/// sends (`extra` more of them), cacheable for ten minutes, or `no-store`.
+/// sends (`extra` more of them).
 fn upstream(
     body_len: usize,
     extra: usize,
-    no_store: bool,
+    kind: Kind,
 ) -> impl Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
@@ -95,12 +107,15 @@ fn upstream(
         );
         h.insert(
             "cache-control",
-            HeaderValue::from_static(if no_store {
+            HeaderValue::from_static(if kind == Kind::NoStore {
                 "no-store"
             } else {
                 "public, max-age=600"
             }),
         );
+        if kind == Kind::Varying {
+            h.insert("vary", HeaderValue::from_static("x-variant"));
+        }
         h.insert("content-length", HeaderValue::from(body_len));
         h.insert(
             "date",
@@ -175,7 +190,15 @@ fn on_runtime<F: std::future::Future>(f: F) -> F::Output {
 async fn per_entry(body_len: usize, extra: usize, no_store: bool) -> (f64, f64) {
     let n = 4_000;
     let layer = layer(1 << 30);
-    let svc = layer.layer(upstream(body_len, extra, no_store));
+    let svc = layer.layer(upstream(
+        body_len,
+        extra,
+        if no_store {
+            Kind::NoStore
+        } else {
+            Kind::Cacheable
+        },
+    ));
     // The runtime's, the layer's and the service's own first allocations.
     flood(svc.clone(), "/warm/", 64).await;
     let warm = layer.memory().await;
@@ -231,7 +254,7 @@ fn a_flood_of_distinct_answers_keeps_the_heap_within_the_bound() {
     on_runtime(async {
         let capacity = 4 << 20;
         let layer = layer(capacity);
-        let svc = layer.layer(upstream(2048, 0, false));
+        let svc = layer.layer(upstream(2048, 0, Kind::Cacheable));
         flood(svc.clone(), "/warm/", 64).await;
         layer.memory().await;
         let before = live();
@@ -258,7 +281,7 @@ fn a_flood_of_distinct_uncacheable_urls_keeps_the_heap_within_the_bound() {
     on_runtime(async {
         let capacity = 1 << 20;
         let layer = layer(capacity);
-        let svc = layer.layer(upstream(64, 0, true));
+        let svc = layer.layer(upstream(64, 0, Kind::NoStore));
         flood(svc.clone(), "/warm/", 64).await;
         layer.memory().await;
         let before = live();
@@ -268,6 +291,33 @@ fn a_flood_of_distinct_uncacheable_urls_keeps_the_heap_within_the_bound() {
         let grew = live() - before;
         eprintln!("40,000 no-store URLs, bound {capacity}: heap grew {grew} B; {memory:?}");
         assert!(memory.marker_entries > 0, "{memory:?}");
+        assert!(memory.bytes() <= capacity, "{memory:?}");
+        assert!(
+            grew <= capacity as i64,
+            "heap grew {grew} B past the bound {capacity}"
+        );
+    });
+}
+
+#[test]
+fn a_flood_of_distinct_varying_urls_keeps_the_heap_within_the_bound() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    on_runtime(async {
+        let capacity = 1 << 20;
+        let layer = layer(capacity);
+        let svc = layer.layer(upstream(64, 0, Kind::Varying));
+        flood(svc.clone(), "/warm/", 64).await;
+        layer.memory().await;
+        let before = live();
+        // Each URL: a vary index, a variant and the URL's variant list.
+        flood(svc.clone(), "/v/", 20_000).await;
+        let memory = layer.memory().await;
+        let grew = live() - before;
+        eprintln!("20,000 varying URLs, bound {capacity}: heap grew {grew} B; {memory:?}");
+        assert!(
+            memory.l1_entries > 0 && memory.marker_entries > 0,
+            "{memory:?}"
+        );
         assert!(memory.bytes() <= capacity, "{memory:?}");
         assert!(
             grew <= capacity as i64,

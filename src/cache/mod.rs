@@ -483,6 +483,7 @@ pub(crate) fn default_config() -> Config {
         early_refresh: None,
         max_payload: 1024 * 1024,
         l1_capacity: 64 * 1024 * 1024,
+        side: false,
         name: "tower-stampede".to_owned(),
         soft_timeout: None,
     }
