@@ -203,9 +203,10 @@ impl StampedeBuilder {
         self
     }
 
-    /// The in-process bound, in bytes: cached answers (keys, headers and bodies plus a
-    /// per-entry allowance) and, in a sixteenth of it, the hit-for-pass and refresh
-    /// markers. See [`StampedeLayer::memory`]. Default 64 MiB.
+    /// The in-process bound, in bytes: cached answers, each weighed by the heap it holds
+    /// (key, headers, body, tags and the cache's own node), and, in a sixteenth of it, the
+    /// hit-for-pass, refresh and purge markers and the per-URL variant lists. See
+    /// [`StampedeLayer::memory`]. Default 64 MiB.
     pub fn l1_capacity(mut self, bytes: u64) -> Self {
         self.flight.l1_capacity = bytes;
         self
