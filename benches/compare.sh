@@ -2,8 +2,8 @@
 # Side by side on this machine: tower-stampede's proxy (3 instances sharing one Redis),
 # nginx (proxy_cache + proxy_cache_lock, 3 instances) and Varnish (3 instances), in
 # front of one counting upstream that takes 200 ms per call. Then hit throughput (ours
-# vs nginx, one core each, wrk on the other) and the proxy's memory with 100k cached
-# 2 KiB answers.
+# vs nginx, one core each, wrk on the other) and the proxy's memory (RSS growth against
+# --cache-size) through 200k cached 2 KiB answers and then 100k no-store URLs.
 #
 #   bash benches/compare.sh                 # every section
 #   bash benches/compare.sh fleet hit       # only these (fleet, hit, memory)
@@ -22,7 +22,11 @@ A_KEYS=1
 B_CLIENTS=3000
 B_KEYS=100
 WRK_SECONDS=10
-FILL_KEYS=100000
+FILL_KEYS=200000
+NOSTORE_KEYS=100000
+# The memory section's bounds (bytes) and runs per bound; both may be set from outside.
+MEM_BOUNDS=${MEM_BOUNDS:-268435456 67108864}
+MEM_RUNS=${MEM_RUNS:-3}
 
 SECTIONS=" ${*:-fleet hit memory} "
 for section in $SECTIONS; do
@@ -473,12 +477,12 @@ say ""
 fi
 
 # ---------------------------------------------------------------------------------------
-# Memory: 100k distinct 2 KiB answers in L1
+# Memory: 200k distinct 2 KiB answers, then 100k distinct no-store URLs, per bound
 # ---------------------------------------------------------------------------------------
 if want memory; then
 
 say ""
-say "## Memory: $FILL_KEYS distinct 2 KiB answers through one proxy (local backend, --max-body 4096 --ttl 1h)"
+say "## Memory: $FILL_KEYS distinct 2 KiB answers, then $NOSTORE_KEYS distinct no-store URLs, through one proxy (local backend, --max-body 4096 --ttl 1h)"
 say ""
 free_port
 UP2_PORT=$PORT
@@ -487,31 +491,51 @@ UPSTREAM_FAST=http://127.0.0.1:$UP2_PORT
 wait_url "$UPSTREAM_FAST/__count"
 PAYLOAD_KB=$((FILL_KEYS * 2048 / 1024))
 
-say "| --cache-size (bound) | RSS at start | RSS after fill | RSS − start | (RSS − start) / bound | entries kept (reversed 2nd pass hits) | RSS after 2nd pass | peak RSS | fill |"
-say "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+# healthz URL KEY: a number from the proxy's /healthz (it brings L1's evictions up to date).
+healthz() { curl -sf --max-time 5 "$1/healthz" | grep -o "\"$2\":[0-9]*" | cut -d: -f2; }
+ratio_of() { awk -v kb="$1" -v b="$2" 'BEGIN {printf "%.2f", kb * 1024 / b}'; }
+# span N...: "lowest–highest×".
+span() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%s–%s×", lo, hi}'; }
+
+say "| --cache-size (bound) | run | RSS at start | growth after cacheable | / bound | growth after no-store | / bound | peak growth / bound | counted (memory().bytes()) | entries kept | fills |"
+say "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 MEM_NOTES=""
-for bound in 268435456 67108864; do
-  start_ours "mem-$bound" --upstream "$UPSTREAM_FAST" --cache-size "$bound" --max-body 4096 --ttl 1h
-  pid=$LAST_PID
-  url=http://127.0.0.1:$LAST_PORT
-  curl -s -o /dev/null "$url/__warm"
-  sleep 0.5
-  rss0=$(rss_kb "$pid")
-  fill1=$(timeout 300 "$LOADGEN" fill --target "$url" --keys "$FILL_KEYS" --prefix /2k/ --concurrency 64 2>"$TMP/fill1-$bound.err" || true)
-  sleep 1
-  rss1=$(rss_kb "$pid")
-  # Newest first: with least-recently-used eviction the hits are the entries still held.
-  fill2=$(timeout 300 "$LOADGEN" fill --target "$url" --keys "$FILL_KEYS" --prefix /2k/ --concurrency 64 --reverse 2>"$TMP/fill2-$bound.err" || true)
-  sleep 1
-  rss2=$(rss_kb "$pid")
-  hwm=$(hwm_kb "$pid")
-  stop_pid "$pid"
-  grew=$((rss1 - rss0))
-  say "| $(mib $((bound / 1024))) | $(mib "$rss0") | $(mib "$rss1") | $(mib "$grew") | $(awk -v g="$grew" -v b="$bound" 'BEGIN {printf "%.2f×", g * 1024 / b}') | $(kv "$fill2" hits) | $(mib "$rss2") | $(mib "$hwm") | $(kv "$fill1" done) ok, $(kv "$fill1" errors) errors, $(kv "$fill1" secs) s |"
-  MEM_NOTES="$MEM_NOTES"$'\n'"- $bound, fill: \`$fill1\`"$'\n'"- $bound, 2nd pass (reversed): \`$fill2\`"
+MEM_SUMMARY=""
+for bound in $MEM_BOUNDS; do
+  R1=() R2=()
+  for run in $(seq 1 "$MEM_RUNS"); do
+    free_port
+    MPORT=$PORT
+    start_ours "mem-$bound-$run" --upstream "$UPSTREAM_FAST" --cache-size "$bound" --max-body 4096 --ttl 1h \
+      --metrics-listen "127.0.0.1:$MPORT"
+    pid=$LAST_PID
+    url=http://127.0.0.1:$LAST_PORT
+    murl=http://127.0.0.1:$MPORT
+    curl -s -o /dev/null "$url/__warm"
+    healthz "$murl" capacity >/dev/null
+    sleep 0.5
+    rss0=$(rss_kb "$pid")
+    fill1=$(timeout 600 "$LOADGEN" fill --target "$url" --keys "$FILL_KEYS" --prefix /2k/ --concurrency 64 2>"$TMP/fill1-$bound-$run.err" || true)
+    sleep 1
+    rss1=$(rss_kb "$pid")
+    fill2=$(timeout 600 "$LOADGEN" fill --target "$url" --keys "$NOSTORE_KEYS" --prefix /nostore/ --concurrency 64 2>"$TMP/fill2-$bound-$run.err" || true)
+    sleep 1
+    rss2=$(rss_kb "$pid")
+    hwm=$(hwm_kb "$pid")
+    counted=$(healthz "$murl" l1_bytes)
+    entries=$(healthz "$murl" l1_entries)
+    stop_pid "$pid"
+    g1=$((rss1 - rss0)) g2=$((rss2 - rss0)) gp=$((hwm - rss0))
+    R1+=("$(ratio_of "$g1" "$bound")")
+    R2+=("$(ratio_of "$g2" "$bound")")
+    say "| $(mib $((bound / 1024))) | $run | $(mib "$rss0") | $(mib "$g1") | **$(ratio_of "$g1" "$bound")×** | $(mib "$g2") | **$(ratio_of "$g2" "$bound")×** | $(ratio_of "$gp" "$bound")× | $(mib $((${counted:-0} / 1024))) | ${entries:-–} | $(kv "$fill1" done)+$(kv "$fill2" done) ok, $(kv "$fill1" errors)+$(kv "$fill2" errors) errors, $(kv "$fill1" secs)+$(kv "$fill2" secs) s |"
+    MEM_NOTES="$MEM_NOTES"$'\n'"- $bound, run $run, cacheable: \`$fill1\`"$'\n'"- $bound, run $run, no-store: \`$fill2\`"
+  done
+  MEM_SUMMARY="$MEM_SUMMARY"$'\n'"- $(mib $((bound / 1024))): growth / bound $(span "${R1[@]}") after the cacheable phase (target ≤ 1.15×), $(span "${R2[@]}") after both (target ≤ 1.25×), over $MEM_RUNS runs"
 done
 say ""
-say "Raw payload: $FILL_KEYS × 2048 bytes = $(mib "$PAYLOAD_KB"). RSS from /proc/PID/status (VmRSS; peak: VmHWM). The 2nd pass asks for the same keys newest first: its hits are the entries L1 still held after the fill."
+say "Raw payload of the cacheable phase: $FILL_KEYS × 2048 bytes = $(mib "$PAYLOAD_KB"). Growth = VmRSS (from /proc/PID/status) after each phase minus VmRSS at start, 1 s after the phase ended; peak = VmHWM minus VmRSS at start. Every /nostore/ answer carries \`Cache-Control: no-store\` and leaves a hit-for-pass marker. Counted and entries kept: the proxy's /healthz (\`layer.memory()\`) after both phases."
+say "$MEM_SUMMARY"
 say "$MEM_NOTES"
 fi
 say ""

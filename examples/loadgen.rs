@@ -45,6 +45,11 @@
 //! target `i % targets`, and its latency runs from its release to the last byte of the
 //! body.
 
+/// The proxy example's allocator, so that `bare` is measured against the proxy on equal
+/// terms.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::Write;

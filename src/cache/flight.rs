@@ -33,6 +33,7 @@ use tokio::time::Instant;
 
 use super::codec::Codec;
 use super::entry::{self, now_ms, Kind, Meta, Windows};
+use super::weight;
 use crate::stats::{Counters, Event, FillTimer, LockWait};
 use crate::tier::wake::{is_shared_error, Wake, FAILURE_MARKER_MAX};
 use crate::tier::PrehashedState;
@@ -116,19 +117,14 @@ pub(crate) struct Stored<T> {
     pub(crate) weight: u32,
 }
 
-/// The per-entry bookkeeping charged to the bound beyond the encoded bytes: moka's node,
-/// the `Arc`, the key and meta fields, allocator slack (estimated from RSS measured with
-/// 100k entries, `benches/compare.sh`).
-const PER_ENTRY: usize = 1024;
-
-/// The share of the capacity kept for the hit-for-pass and refresh markers: one
-/// sixteenth, half for each.
+/// The share of the capacity kept for the markers: one sixteenth; half of it for the
+/// hit-for-pass markers, an eighth each for the refresh and purge markers, and a quarter
+/// for the caller's own per-key structures (the HTTP layer's variant lists), when it has
+/// some (otherwise L1 takes that quarter).
 const MARKER_SHARE: u64 = 16;
 
-/// What one marker costs in memory: the 32-byte key and moka's node, its slot in the
-/// hash table and the per-entry bookkeeping (about 140 bytes measured per marker in RSS;
-/// rounded up).
-const MARKER_WEIGHT: u32 = 160;
+/// What one marker costs in memory (see [`weight::MARKER`]).
+const MARKER_WEIGHT: u32 = weight::MARKER as u32;
 
 /// The settings of the flight.
 #[derive(Clone, Debug)]
@@ -146,6 +142,9 @@ pub(crate) struct Config {
     /// value worth reading from the tier.
     pub(crate) max_payload: usize,
     pub(crate) l1_capacity: u64,
+    /// Keep a share of the capacity for the caller's own per-key structures
+    /// ([`Core::side_capacity`]), counted by [`Core::memory_with`].
+    pub(crate) side: bool,
     /// The `cache` label of this node's metrics.
     pub(crate) name: String,
     /// With a usable stale copy, a fill slower than this answers its callers from the copy
@@ -298,9 +297,9 @@ impl<T> Expiry<[u8; 32], Arc<Stored<T>>> for EntryExpiry {
 pub struct Memory {
     /// Values in L1.
     pub l1_entries: u64,
-    /// Their weight: encoded bytes and key plus the per-entry allowance.
+    /// Their weight: the heap each holds (key, value, tags, the cache's own node).
     pub l1_bytes: u64,
-    /// Hit-for-pass and refresh markers.
+    /// Hit-for-pass, refresh and purge markers, and the HTTP layer's per-URL variant lists.
     pub marker_entries: u64,
     /// Their weight.
     pub marker_bytes: u64,
@@ -352,8 +351,9 @@ where
         // The markers live inside the bound, not beside it: a flood of uncacheable keys
         // must not grow the process past the capacity.
         let markers = cfg.l1_capacity / MARKER_SHARE;
+        let side = if cfg.side { markers / 4 } else { 0 };
         let l1 = Moka::builder()
-            .max_capacity(cfg.l1_capacity - markers)
+            .max_capacity(cfg.l1_capacity - markers + markers / 4 - side)
             .weigher(|_: &[u8; 32], v: &Arc<Stored<T>>| v.weight)
             .expire_after(EntryExpiry)
             .build_with_hasher(PrehashedState::default());
@@ -365,7 +365,7 @@ where
                 .build_with_hasher(PrehashedState::default())
         });
         let purges = Moka::builder()
-            .max_capacity(markers / 4)
+            .max_capacity(markers / 8)
             .weigher(|_: &[u8; 32], _: &u64| MARKER_WEIGHT)
             .time_to_live(
                 cfg.fill_timeout
@@ -374,7 +374,7 @@ where
             )
             .build_with_hasher(PrehashedState::default());
         let refreshing = Moka::builder()
-            .max_capacity(markers / 4)
+            .max_capacity(markers / 8)
             .weigher(|_: &[u8; 32], _: &()| MARKER_WEIGHT)
             .time_to_live(Duration::from_secs(1).max(cfg.poll_interval))
             .build_with_hasher(PrehashedState::default());
@@ -397,16 +397,37 @@ where
         entry::max_encoded_len(key.canonical.len(), self.cfg.max_payload)
     }
 
+    /// The share of the capacity kept for the caller's own per-key structures (zero unless
+    /// `side` is set).
+    pub(crate) fn side_capacity(&self) -> u64 {
+        if self.cfg.side {
+            self.cfg.l1_capacity / MARKER_SHARE / 4
+        } else {
+            0
+        }
+    }
+
     /// What this node's memory holds, after running pending maintenance.
     pub(crate) async fn memory(&self) -> Memory {
+        self.memory_with(0, 0).await
+    }
+
+    /// What this node's memory holds, with the caller's own per-key structures
+    /// (`side_entries` weighing `side_bytes`, inside [`side_capacity`](Self::side_capacity))
+    /// counted among the markers.
+    pub(crate) async fn memory_with(&self, side_entries: u64, side_bytes: u64) -> Memory {
         self.l1.run_pending_tasks().await;
         self.refreshing.run_pending_tasks().await;
         self.purges.run_pending_tasks().await;
         let mut memory = Memory {
             l1_entries: self.l1.entry_count(),
             l1_bytes: self.l1.weighted_size(),
-            marker_entries: self.refreshing.entry_count() + self.purges.entry_count(),
-            marker_bytes: self.refreshing.weighted_size() + self.purges.weighted_size(),
+            marker_entries: self.refreshing.entry_count()
+                + self.purges.entry_count()
+                + side_entries,
+            marker_bytes: self.refreshing.weighted_size()
+                + self.purges.weighted_size()
+                + side_bytes,
             capacity: self.cfg.l1_capacity,
         };
         if let Some(passes) = &self.passes {
@@ -434,8 +455,17 @@ where
         value: T,
         payload_len: usize,
     ) -> Arc<Stored<T>> {
-        let weight = (payload_len + key.canonical.len() + PER_ENTRY + C::overhead(&value))
-            .min(u32::MAX as usize);
+        // The heap the entry holds: its `Arc` (two counts and the `Stored`), the key, the
+        // tags, the value (its encoded length, plus what the codec says its decoded form
+        // takes beyond that) and moka's node.
+        let weight =
+            weight::heap(2 * std::mem::size_of::<usize>() + std::mem::size_of::<Stored<T>>())
+                .saturating_add(weight::heap(key.canonical.len()))
+                .saturating_add(weight::tags(&meta.tags))
+                .saturating_add(payload_len)
+                .saturating_add(C::overhead(&value))
+                .saturating_add(weight::CACHE_NODE)
+                .min(u32::MAX as usize);
         Arc::new(Stored {
             key: key.canonical.clone(),
             meta,

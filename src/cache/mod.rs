@@ -40,6 +40,7 @@ use std::time::Duration;
 pub(crate) mod codec;
 pub(crate) mod entry;
 pub(crate) mod flight;
+pub(crate) mod weight;
 
 #[cfg(feature = "serde")]
 pub use codec::Postcard;
@@ -482,6 +483,7 @@ pub(crate) fn default_config() -> Config {
         early_refresh: None,
         max_payload: 1024 * 1024,
         l1_capacity: 64 * 1024 * 1024,
+        side: false,
         name: "tower-stampede".to_owned(),
         soft_timeout: None,
     }
@@ -560,8 +562,10 @@ where
         self
     }
 
-    /// The in-process bound, in bytes of encoded values and keys plus a per-entry
-    /// allowance (a sixteenth of it for hit-for-pass and refresh markers). Default 64 MiB.
+    /// The in-process bound, in bytes: each entry weighs the heap it holds (key, tags, the
+    /// cache's own node, and the value: its encoded length plus what its codec's
+    /// [`Codec::overhead`] adds); a sixteenth of it is kept for the hit-for-pass, refresh
+    /// and purge markers. Default 64 MiB.
     pub fn l1_capacity(mut self, bytes: u64) -> Self {
         self.cfg.l1_capacity = bytes;
         self

@@ -11,7 +11,7 @@ use tower_layer::Layer;
 use super::key::KeyFn;
 use super::policy::{HttpRules, PrivateRequests};
 use super::service::Stampede;
-use super::shared::Shared;
+use super::shared::{variant_list_weight, Shared};
 use super::status::StatusValues;
 use super::stored;
 use crate::cache::flight::{Config, Core};
@@ -66,7 +66,12 @@ impl StampedeLayer {
     /// # }
     /// ```
     pub async fn memory(&self) -> Memory {
-        self.shared.core.memory().await
+        let variants = &self.shared.variants;
+        variants.run_pending_tasks().await;
+        self.shared
+            .core
+            .memory_with(variants.entry_count(), variants.weighted_size())
+            .await
     }
 
     /// Asks the backend once whether it answers, logs what it found and returns it.
@@ -198,9 +203,10 @@ impl StampedeBuilder {
         self
     }
 
-    /// The in-process bound, in bytes: cached answers (keys, headers and bodies plus a
-    /// per-entry allowance) and, in a sixteenth of it, the hit-for-pass and refresh
-    /// markers. See [`StampedeLayer::memory`]. Default 64 MiB.
+    /// The in-process bound, in bytes: cached answers, each weighed by the heap it holds
+    /// (key, headers, body, tags and the cache's own node), and, in a sixteenth of it, the
+    /// hit-for-pass, refresh and purge markers and the per-URL variant lists. See
+    /// [`StampedeLayer::memory`]. Default 64 MiB.
     pub fn l1_capacity(mut self, bytes: u64) -> Self {
         self.flight.l1_capacity = bytes;
         self
@@ -512,17 +518,23 @@ impl StampedeBuilder {
         let mut flight = self.flight;
         flight.max_payload = stored::max_payload(self.rules.max_body);
         flight.name = self.cache_name.clone();
+        // The variant lists are kept inside the bound, in the share the core leaves aside.
+        flight.side = true;
         let tier = Tier::new(self.backend, &self.tier);
+        let core = Core::new(flight, tier);
+        let list = variant_list_weight(self.rules.max_variants);
+        let variants = moka::future::Cache::builder()
+            .max_capacity(core.side_capacity())
+            .weigher(move |_: &[u8; 32], _: &_| list)
+            .time_to_idle(Duration::from_secs(600))
+            .build();
         StampedeLayer {
             shared: Arc::new(Shared {
-                core: Core::new(flight, tier),
+                core,
                 status_values: StatusValues::new(&self.cache_name),
                 rules: self.rules,
                 key_fn: self.key_fn,
-                variants: moka::future::Cache::builder()
-                    .max_capacity(65_536)
-                    .time_to_idle(Duration::from_secs(600))
-                    .build(),
+                variants,
             }),
         }
     }

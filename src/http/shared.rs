@@ -10,12 +10,23 @@ use super::policy::{normalize_accept_encoding, HttpRules};
 use super::status::{Outcome, StatusValues};
 use super::stored::{self, HttpCodec};
 use crate::cache::flight::{Core, Key};
+use crate::cache::weight;
 
 /// The flight core of the HTTP layer: stored answers, in their codec.
 pub(crate) type HttpCore = Core<stored::Response, HttpCodec>;
 
 /// The variant keys stored per URL on this node: primary key hash to variant key hashes.
 pub(crate) type Variants = moka::future::Cache<[u8; 32], Arc<std::sync::Mutex<Vec<[u8; 32]>>>>;
+
+/// What one URL's variant list weighs at most, with `max` variants: a marker's node and
+/// key, the `Arc` and its `Mutex`, and the list grown (by doubling, from 4) to hold `max`.
+pub(crate) fn variant_list_weight(max: usize) -> u32 {
+    let arc =
+        2 * std::mem::size_of::<usize>() + std::mem::size_of::<std::sync::Mutex<Vec<[u8; 32]>>>();
+    let list = max.max(4).checked_next_power_of_two().unwrap_or(usize::MAX);
+    (weight::MARKER + weight::heap(arc) + weight::heap(list.saturating_mul(32)))
+        .min(u32::MAX as usize) as u32
+}
 
 /// State shared by every clone of one layer and the services it built: one "node".
 pub(crate) struct Shared {

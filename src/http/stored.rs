@@ -15,6 +15,7 @@ use bytes::{BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::cache::entry::Reader;
+use crate::cache::weight::heap;
 use crate::cache::{Codec, CodecError};
 
 /// The most header fields a stored answer holds.
@@ -24,9 +25,17 @@ pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The framing: status, header count, body length, and per header the two lengths.
 const FIXED_LEN: usize = 2 + 2 + 4;
 const PER_HEADER_LEN: usize = 2 + 4;
-/// What a header costs in memory beyond its bytes: the map's slot and one allocation per
-/// value (estimated from RSS).
-const PER_HEADER_MEMORY: usize = 64;
+/// One slot of a `HeaderMap`'s entries: the hash (padded), the name, the value and the
+/// links to extra values.
+const HEADER_SLOT: usize = std::mem::size_of::<usize>()
+    + std::mem::size_of::<HeaderName>()
+    + std::mem::size_of::<HeaderValue>()
+    + std::mem::size_of::<Option<[usize; 2]>>();
+/// One extra value of a repeated header: the value and its two links.
+const EXTRA_SLOT: usize = std::mem::size_of::<HeaderValue>() + 4 * std::mem::size_of::<usize>();
+/// What sharing a `Bytes` first costs: its shared header, allocated on the first clone (an
+/// answer sent is a clone of the stored one).
+const SHARED: usize = 3 * std::mem::size_of::<usize>();
 
 /// The largest payload of an answer whose body is at most `max_body` bytes.
 pub(crate) fn max_payload(max_body: usize) -> usize {
@@ -124,8 +133,50 @@ impl Codec<Response> for HttpCodec {
     }
 
     fn overhead(value: &Response) -> usize {
-        value.headers.len() * PER_HEADER_MEMORY
+        memory(value).saturating_sub(encoded_len(value))
     }
+}
+
+/// The length of a stored answer's payload.
+fn encoded_len(value: &Response) -> usize {
+    let headers: usize = value
+        .headers
+        .iter()
+        .map(|(n, v)| PER_HEADER_LEN + n.as_str().len() + v.len())
+        .sum();
+    FIXED_LEN + headers + value.body.len() + if value.ext.rfc { EXT_LEN } else { 0 }
+}
+
+/// The heap a decoded answer holds: the header map's index and entries, every name and
+/// value in an allocation of its own (standard names take none; they are charged as if
+/// they did), and the body.
+fn memory(value: &Response) -> usize {
+    let headers = &value.headers;
+    let usable = headers.capacity();
+    let map = if usable == 0 {
+        0
+    } else {
+        // `usable` is three quarters of the index's power-of-two length.
+        let index = (usable + usable / 3).next_power_of_two();
+        heap(index * 4) + heap(usable * HEADER_SLOT)
+    };
+    let extra = headers.len() - headers.keys_len();
+    let extra = if extra == 0 {
+        0
+    } else {
+        heap(extra.next_power_of_two() * EXTRA_SLOT)
+    };
+    let fields: usize = headers
+        .keys()
+        .map(|n| heap(n.as_str().len()) + heap(SHARED))
+        .chain(headers.values().map(|v| heap(v.len()) + heap(SHARED)))
+        .sum();
+    let body = if value.body.is_empty() {
+        0
+    } else {
+        heap(value.body.len()) + heap(SHARED)
+    };
+    map + extra + fields + body
 }
 
 fn decode(bytes: &Bytes) -> Option<Response> {
@@ -169,7 +220,9 @@ fn decode(bytes: &Bytes) -> Option<Response> {
     Some(Response {
         status,
         headers,
-        body: bytes.slice(start..start + body_len),
+        // An allocation of its own: a slice would keep the whole envelope (key, tags,
+        // headers) alive for as long as the entry lives, uncounted.
+        body: Bytes::copy_from_slice(&bytes[start..start + body_len]),
         ext,
     })
 }
