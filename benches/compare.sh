@@ -455,6 +455,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f×", a / b; els
 say "| round | front | requests/sec | p50 | p99 | wrk errors |"
 say "|---:|---|---:|---:|---:|---|"
 # Alternate, so that a burst of load from elsewhere on the machine hits every front.
+# One uncounted run each first: connections, allocator and caches warm.
+for front in "${WRK_FRONTS[@]}"; do
+  timeout 30 "${WRK_CPU[@]}" wrk -t1 -c64 -d3s "${URL[$front]}" >/dev/null 2>&1 || true
+done
 ROUND_RATIOS=()
 for round in $(seq 1 "$WRK_ROUNDS"); do
   for front in "${WRK_FRONTS[@]}"; do
