@@ -567,6 +567,19 @@ where
         self.get_at(key, fill, now_ms()).await
     }
 
+    /// A fresh copy of `key` in this process's memory as of `now`, when a hit on it has
+    /// nothing else to do (no early refresh is configured): the HTTP hit path answers it
+    /// without building a fill. Not counted: the caller counts the hit it serves.
+    pub(crate) async fn fresh_in_memory(&self, key: &Key, now: u64) -> Option<Arc<Stored<T>>> {
+        if self.cfg.early_refresh.is_some() {
+            return None;
+        }
+        self.l1
+            .get(&key.hash.0)
+            .await
+            .filter(|entry| entry.meta.is_fresh_at(now))
+    }
+
     /// [`get`](Self::get) as of `now` (Unix milliseconds): the caller's clock reading,
     /// so that a hit reads the clock once.
     pub(crate) async fn get_at<F: Fill<T>>(

@@ -640,6 +640,13 @@ where
         arrival,
         now: arrival,
     };
+    // The hit path: a fresh answer in memory is sent with no fill built for it.
+    if let Some(stored) = shared.core.fresh_in_memory(&key, arrival).await {
+        if !stored.value.is_index() {
+            shared.core.counters.incr(Event::hits_memory);
+            return Ok(shared.respond(&stored, Outcome::HitMemory, &ask));
+        }
+    }
     // The request's headers pick its variant once the primary key names the varied ones.
     let varies = standards && shared.rules.max_variants > 0;
     let job = Arc::new(Job::new(svc, Request::from_parts(parts, body), varies));
