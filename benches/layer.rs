@@ -1,7 +1,7 @@
 //! The hit path's cost: an L1 hit through the layer against the bare inner service, side by
 //! side in one run, plus the envelope and the key hash on their own.
 //!
-//! `cargo bench --bench layer --features __bench`
+//! `cargo bench --bench layer --features __bench,serde`
 
 use std::convert::Infallible;
 use std::hint::black_box;
