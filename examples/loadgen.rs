@@ -26,6 +26,8 @@
 //!
 //! * `/__count`: the number of requests it served, not counting the `/__` paths;
 //! * `/__reset`: sets that count (and the per-path counts) back to 0;
+//! * `/__arrivals`: when each counted request arrived since the last `/__arrivals`, in
+//!   Unix µs, sorted, space-separated (then forgotten);
 //! * `/__warm` (and any other `/__` path): `ok` at once, uncounted, cacheable (the
 //!   stampede uses it to open and check its connections before the clock starts);
 //! * `/2k/...`: `"<path> #<n>"` padded to exactly 2048 bytes;
@@ -43,7 +45,10 @@
 //! on one `tokio::sync::Barrier`; once released it sends a single `GET` of
 //! `<prefix><i % keys>-<run id>` (the run id is fresh each run, so every key is cold) to
 //! target `i % targets`, and its latency runs from its release to the last byte of the
-//! body.
+//! body. With `--phases` it also prints, for each `Cache-Status` value, when the clients
+//! started, got the response head and the last body byte (from the release), and with
+//! `--cpu-of PID,...` the CPU time those processes, itself and the whole machine used
+//! from the release to the last answer (`--cpu-mark` splits it at a point in between).
 
 /// The proxy example's allocator, so that `bare` is measured against the proxy on equal
 /// terms.
@@ -152,6 +157,24 @@ struct StampedeArgs {
     /// How many connections are opened at once while setting up.
     #[arg(long, default_value_t = 128)]
     connect_concurrency: usize,
+
+    /// Also print, by Cache-Status value, when each phase ended (to stderr): the
+    /// client's start (its first poll after the release), the response head and the last
+    /// body byte, all counted from the release (the first client's start).
+    #[arg(long)]
+    phases: bool,
+
+    /// Processes whose CPU time (their threads' run time, from `/proc`, Linux) is reported
+    /// for the run alone, from the release to the last answer (`cpu_ms PID:MS ...` on
+    /// stderr; this load generator's own as `self`, and every CPU's busy time, whoever
+    /// used it, as `machine`).
+    #[arg(long, value_delimiter = ',')]
+    cpu_of: Vec<u32>,
+
+    /// With `--cpu-of`: also split the CPU times at this long after the release (say,
+    /// between the requests' arrival and the upstream's answers).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cpu_mark: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +238,14 @@ fn main() -> Result<(), BoxError> {
 struct Counts {
     total: AtomicU64,
     per_path: Mutex<HashMap<String, u64>>,
+    /// When each counted request arrived since the last `/__arrivals`, in Unix µs.
+    arrivals: Mutex<Vec<u64>>,
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// The body size of `/2k/` paths.
@@ -288,10 +319,24 @@ async fn answer(
                 .clear();
             return Ok(text(StatusCode::OK, format!("{n}\n")));
         }
+        "/__arrivals" => {
+            let mut at =
+                std::mem::take(&mut *counts.arrivals.lock().unwrap_or_else(|e| e.into_inner()));
+            at.sort_unstable();
+            let line = at.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+            return Ok(text(StatusCode::OK, format!("{line}\n")));
+        }
         p if p.starts_with("/__") => return Ok(cacheable(text(StatusCode::OK, "ok\n"))),
         _ => {}
     }
     counts.total.fetch_add(1, Ordering::SeqCst);
+    {
+        let mut arrivals = counts.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: a caller that never asks must not grow the upstream without end.
+        if arrivals.len() < 1_000_000 {
+            arrivals.push(unix_us());
+        }
+    }
     let n = {
         let mut per_path = counts.per_path.lock().unwrap_or_else(|e| e.into_inner());
         let n = per_path.entry(path.clone()).or_insert(0);
@@ -411,6 +456,10 @@ struct Outcome {
 }
 
 struct Answer {
+    /// When the request was sent, the response head came and the body ended.
+    sent: Instant,
+    head: Instant,
+    done: Instant,
     latency: Duration,
     status: StatusCode,
     cache_status: String,
@@ -471,6 +520,7 @@ async fn request(
             .send_request(req)
             .await
             .map_err(|e| format!("request: {e}"))?;
+        let head = Instant::now();
         let (parts, body) = res.into_parts();
         let body = body
             .collect()
@@ -483,8 +533,12 @@ async fn request(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
+        let done = Instant::now();
         Ok::<_, String>(Answer {
-            latency: started.elapsed(),
+            sent: started,
+            head,
+            done,
+            latency: done - started,
             status: parts.status,
             cache_status,
             body,
@@ -586,7 +640,19 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
     }
     let setup_started = Instant::now();
     barrier.wait().await;
+    let released_unix_us = unix_us();
     let setup = setup_started.elapsed();
+    let cpu_before = cpu_times(&args.cpu_of);
+    let cpu_mark = args
+        .cpu_mark
+        .filter(|_| !args.cpu_of.is_empty())
+        .map(|after| {
+            let pids = args.cpu_of.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                cpu_times(&pids)
+            })
+        });
 
     let mut latencies = Vec::with_capacity(args.clients);
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
@@ -594,6 +660,8 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
     let mut statuses: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
     let mut per_target: BTreeMap<usize, Vec<Duration>> = BTreeMap::new();
     let mut bodies: HashMap<usize, HashSet<Bytes>> = HashMap::new();
+    // (label, sent, head, done) of every answer, for --phases.
+    let mut phases: Vec<(String, Instant, Instant, Instant)> = Vec::new();
     for task in tasks {
         let outcome = task.await?;
         match outcome.result {
@@ -604,6 +672,9 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
                 } else {
                     answer.cache_status
                 };
+                if args.phases {
+                    phases.push((label.clone(), answer.sent, answer.head, answer.done));
+                }
                 statuses.entry(label).or_default().push(answer.latency);
                 per_target
                     .entry(outcome.target)
@@ -619,6 +690,7 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
             Err(e) => *errors.entry(e).or_default() += 1,
         }
     }
+    let cpu_after = cpu_times(&args.cpu_of);
     latencies.sort();
     let ok = latencies.len();
     let failed = args.clients - ok;
@@ -640,10 +712,109 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
         .map(|(t, l)| (targets[t].authority.clone(), l))
         .collect();
     eprintln!("by target: {}", summaries(per_target));
+    if args.phases {
+        eprint!("{}", phase_table(&phases));
+        eprintln!("released_unix_us={released_unix_us}");
+    }
+    if !args.cpu_of.is_empty() {
+        let used = |from: &[(String, u64)], to: &[(String, u64)]| {
+            from.iter()
+                .zip(to)
+                .map(|((who, a), (_, b))| {
+                    format!("{who}:{:.1}", b.saturating_sub(*a) as f64 / 1000.0)
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        eprintln!("cpu_ms {}", used(&cpu_before, &cpu_after));
+        if let Some(mark) = cpu_mark {
+            let mark = mark.await?;
+            eprintln!("cpu_ms_to_mark {}", used(&cpu_before, &mark));
+            eprintln!("cpu_ms_after_mark {}", used(&mark, &cpu_after));
+        }
+    }
     for (e, n) in &errors {
         eprintln!("error ×{n}: {e}");
     }
     Ok(())
+}
+
+/// CPU time used so far by this process (`self`) and each of `pids`, in µs: the run time
+/// of their live threads (`/proc/PID/task/*/schedstat`, Linux); 0 where `/proc` cannot
+/// tell.
+fn cpu_times(pids: &[u32]) -> Vec<(String, u64)> {
+    let of = |dir: String| -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("{dir}/task")) else {
+            return 0;
+        };
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>()
+            / 1000
+    };
+    // Every CPU's time not idle (nor waiting on I/O), in ticks of 10 ms.
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let cpu = stat.lines().next()?.strip_prefix("cpu ")?.to_owned();
+            let ticks: Vec<u64> = cpu
+                .split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            let busy: u64 = ticks.iter().take(8).sum::<u64>()
+                - ticks.get(3).copied().unwrap_or(0)
+                - ticks.get(4).copied().unwrap_or(0);
+            Some(busy * 10_000)
+        })
+        .unwrap_or(0);
+    std::iter::once(("machine".to_owned(), machine))
+        .chain(std::iter::once((
+            "self".to_owned(),
+            of("/proc/self".to_owned()),
+        )))
+        .chain(
+            pids.iter()
+                .map(|p| (p.to_string(), of(format!("/proc/{p}")))),
+        )
+        .collect()
+}
+
+/// `phases LABEL n=N start ... | head ... | done ...`, one line per Cache-Status value and
+/// one for all: p50/p99/max in ms of each phase's end, counted from the release (the
+/// earliest start).
+fn phase_table(phases: &[(String, Instant, Instant, Instant)]) -> String {
+    let Some(release) = phases.iter().map(|p| p.1).min() else {
+        return String::new();
+    };
+    let mut groups: BTreeMap<&str, Vec<&(String, Instant, Instant, Instant)>> = BTreeMap::new();
+    for p in phases {
+        groups.entry(p.0.as_str()).or_default().push(p);
+        groups.entry("(all)").or_default().push(p);
+    }
+    let stats = |mut l: Vec<Duration>| {
+        l.sort();
+        format!(
+            "{:.1}/{:.1}/{:.1}",
+            ms(percentile(&l, 0.5)),
+            ms(percentile(&l, 0.99)),
+            ms(l.last().copied().unwrap_or_default())
+        )
+    };
+    let mut out = String::new();
+    for (label, group) in groups {
+        let of = |f: fn(&(String, Instant, Instant, Instant)) -> Instant| {
+            stats(group.iter().map(|p| f(p) - release).collect())
+        };
+        out.push_str(&format!(
+            "phases {label}: n={} start {} | head {} | done {} (ms from the release, p50/p99/max)\n",
+            group.len(),
+            of(|p| p.1),
+            of(|p| p.2),
+            of(|p| p.3),
+        ));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
