@@ -323,9 +323,12 @@ pub(crate) struct Core<T, C> {
     /// Keys this process is refreshing in the background (or just failed to refresh: the
     /// marker then expires on its own, a backoff before the next try).
     refreshing: Moka<[u8; 32], (), PrehashedState>,
-    /// When each key was last purged (heard here or done here), in Unix ms: a fill that
-    /// started before does not share its answer.
+    /// When each key was last purged (heard here or done here), as a tick of `order`: a
+    /// fill that started before does not share its answer.
     purges: Moka<[u8; 32], u64, PrehashedState>,
+    /// This process's order of purge notes and fill starts: a clock of milliseconds would
+    /// tie a fill started in the purge's millisecond with it, and drop its answer.
+    order: std::sync::atomic::AtomicU64,
     /// The highest purge epoch heard in a wake-up.
     epoch_heard: std::sync::atomic::AtomicU64,
     pub(crate) tier: Tier,
@@ -385,6 +388,7 @@ where
             passes,
             refreshing,
             purges,
+            order: std::sync::atomic::AtomicU64::new(0),
             epoch_heard: std::sync::atomic::AtomicU64::new(0),
             tier,
             counters,
@@ -487,15 +491,22 @@ where
         Ok(self.stored_entry(key, meta, value, payload.len()))
     }
 
-    /// Whether `hash` was purged at or after `since` (Unix ms).
+    /// The next tick of this process's order of purge notes and fill starts.
+    fn tick(&self) -> u64 {
+        self.order
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .wrapping_add(1)
+    }
+
+    /// Whether `hash` was purged after the tick `since` (a fill's start).
     async fn purged_since(&self, hash: &KeyHash, since: u64) -> bool {
-        self.purges.get(&hash.0).await.is_some_and(|at| at >= since)
+        self.purges.get(&hash.0).await.is_some_and(|at| at > since)
     }
 
     /// Notes a purge of `hash`, heard or done here: its copy leaves L1, and a fill of it
     /// that started before does not share its answer.
     async fn note_purge(&self, hash: &KeyHash) {
-        self.purges.insert(hash.0, now_ms()).await;
+        self.purges.insert(hash.0, self.tick()).await;
         self.l1.invalidate(&hash.0).await;
     }
 
@@ -535,7 +546,7 @@ where
             .await
     }
 
-    /// Whether a fill that started at `since` and produced an entry with `tags` was
+    /// Whether a fill that started at the tick `since` and produced an entry with `tags` was
     /// overtaken by a purge of its key or of one of its tags.
     async fn overtaken(&self, key: &Key, tags: &[String], since: u64) -> bool {
         if self.purged_since(&key.hash, since).await {
@@ -1260,7 +1271,7 @@ async fn fly<T, C, F>(
         Contend::Lead(held, generation) => (held, generation),
     };
 
-    let started = now_ms();
+    let started = core.tick();
     let lead = core.lead(&key, &token, held, fill, fallback.clone());
     tokio::pin!(lead);
     let soft = core.cfg.soft_timeout.zip(usable(fallback.clone()));
