@@ -6,7 +6,7 @@
 # --cache-size) through 200k cached 2 KiB answers and then 100k no-store URLs.
 #
 #   bash benches/compare.sh                 # every section
-#   bash benches/compare.sh fleet hit       # only these (fleet, hit, memory)
+#   bash benches/compare.sh fleet hit       # only these (fleet, hit, l2, memory)
 #
 # Everything listens on 127.0.0.1 only, on free ports (never 80 or 6379), runs from a
 # temporary directory, is bounded by timeouts and is stopped on exit. Missing tools
@@ -27,13 +27,18 @@ NOSTORE_KEYS=100000
 # The memory section's bounds (bytes) and runs per bound; both may be set from outside.
 MEM_BOUNDS=${MEM_BOUNDS:-268435456 67108864}
 MEM_RUNS=${MEM_RUNS:-3}
+# Measured rounds of each fleet scenario (after one warm-up run per front).
+FLEET_ROUNDS=${FLEET_ROUNDS:-3}
+# The L2 section's distinct keys (2 KiB each in Redis) and rounds.
+L2_KEYS=${L2_KEYS:-60000}
+L2_ROUNDS=${L2_ROUNDS:-3}
 
-SECTIONS=" ${*:-fleet hit memory} "
+SECTIONS=" ${*:-fleet hit l2 memory} "
 for section in $SECTIONS; do
   case $section in
-    fleet | hit | memory) ;;
+    fleet | hit | l2 | memory) ;;
     *)
-      printf 'compare.sh: unknown section %s (known: fleet hit memory)\n' "$section" >&2
+      printf 'compare.sh: unknown section %s (known: fleet hit l2 memory)\n' "$section" >&2
       exit 2
       ;;
   esac
@@ -56,7 +61,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 install_missing() {
   local missing=() pair cmd pkg
   for pair in nginx:nginx varnishd:varnish wrk:wrk redis-server:redis-server \
-    redis-cli:redis-tools curl:curl taskset:util-linux ss:iproute2; do
+    redis-cli:redis-tools redis-benchmark:redis-tools curl:curl taskset:util-linux ss:iproute2; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$cmd" ]; then
@@ -342,41 +347,64 @@ join() {
 # Scenarios A and B
 # ---------------------------------------------------------------------------------------
 
-# scenario TITLE CLIENTS KEYS
+# stampede_run FRONT CLIENTS KEYS TAG: one stampede against FRONT's 3 instances; sets
+# RUN_LINE (the loadgen line, empty on failure), RUN_CALLS (upstream calls) and RUN_CPU
+# (CPU ms of the instances, ours with the redis-server, over the run).
+stampede_run() {
+  local front=$1 clients=$2 keys=$3 tag=$4 targets before cpu0 pids=()
+  case $front in
+    nothing) targets=$UPSTREAM ;;
+    ours) targets=$(join "${OURS[@]}") pids=("${OURS_PIDS[@]}" "$REDIS_PID") ;;
+    nginx) targets=$(join "${NGINX[@]}") pids=("${NGINX_PIDS[@]}") ;;
+    varnish) targets=$(join "${VARNISH[@]}") pids=("${VARNISH_PIDS[@]}") ;;
+  esac
+  before=$(upstream_count)
+  cpu0=$(cpu_ms "${pids[@]}")
+  RUN_LINE=$(timeout 180 "$LOADGEN" stampede --targets "$targets" --clients "$clients" --keys "$keys" \
+    2>"$TMP/stampede-$front-$clients-$tag.err" || true)
+  # Late upstream calls (a waiter timing out, a refresh) still count.
+  sleep 0.3
+  RUN_CALLS=$(($(upstream_count) - before))
+  RUN_CPU=$(($(cpu_ms "${pids[@]}") - cpu0))
+  [ "$front" = nothing ] && RUN_CPU="–"
+  return 0
+}
+
+# scenario TITLE CLIENTS KEYS: one uncounted warm-up run per front (it opens the fronts'
+# upstream connections: a first burst of hundreds of connects shows SYN retries, not
+# caching), then FLEET_ROUNDS rounds, the fronts in turn.
 scenario() {
-  local title=$1 clients=$2 keys=$3 front targets before after line calls cpu0 cpu details=""
-  local pids=()
+  local title=$1 clients=$2 keys=$3 front round details="" p99 ratios=""
+  local -A P99
   say ""
   say "## $title"
   say ""
-  say "| front | upstream calls | p50 ms | p99 ms | max ms | ok | errors | front CPU ms |"
-  say "|---|---:|---:|---:|---:|---:|---:|---:|"
   for front in nothing ours nginx varnish; do
-    case $front in
-      nothing) targets=$UPSTREAM pids=() ;;
-      ours) targets=$(join "${OURS[@]}") pids=("${OURS_PIDS[@]}" "$REDIS_PID") ;;
-      nginx) targets=$(join "${NGINX[@]}") pids=("${NGINX_PIDS[@]}") ;;
-      varnish) targets=$(join "${VARNISH[@]}") pids=("${VARNISH_PIDS[@]}") ;;
-    esac
-    before=$(upstream_count)
-    cpu0=$(cpu_ms "${pids[@]}")
-    line=$(timeout 180 "$LOADGEN" stampede --targets "$targets" --clients "$clients" --keys "$keys" \
-      2>"$TMP/stampede-$front-$clients.err" || true)
-    # Late upstream calls (a waiter timing out, a refresh) still count.
-    sleep 0.3
-    after=$(upstream_count)
-    cpu=$(($(cpu_ms "${pids[@]}") - cpu0))
-    [ "$front" = nothing ] && cpu="–"
-    calls=$((after - before))
-    if [ -z "$line" ]; then
-      say "| $front | $calls | – | – | – | – | loadgen failed: $(tail -n1 "$TMP/stampede-$front-$clients.err") | $cpu |"
-      continue
+    stampede_run "$front" "$clients" "$keys" warm
+  done
+  say "| round | front | upstream calls | p50 ms | p99 ms | max ms | ok | errors | front CPU ms |"
+  say "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+  for round in $(seq 1 "$FLEET_ROUNDS"); do
+    for front in nothing ours nginx varnish; do
+      stampede_run "$front" "$clients" "$keys" "$round"
+      if [ -z "$RUN_LINE" ]; then
+        say "| $round | $front | $RUN_CALLS | – | – | – | – | loadgen failed: $(tail -n1 "$TMP/stampede-$front-$clients-$round.err") | $RUN_CPU |"
+        P99[$front]=""
+        continue
+      fi
+      p99=$(kv "$RUN_LINE" p99_ms)
+      P99[$front]=$p99
+      say "| $round | $front | $RUN_CALLS | $(kv "$RUN_LINE" p50_ms) | $p99 | $(kv "$RUN_LINE" max_ms) | $(kv "$RUN_LINE" ok) | $(kv "$RUN_LINE" errors) | $RUN_CPU |"
+      details="$details"$'\n'"- round $round, $front: \`$RUN_LINE\`"$'\n'"$(sed 's/^/  - /' "$TMP/stampede-$front-$clients-$round.err")"
+    done
+    if [ -n "${P99[ours]}" ] && [ -n "${P99[nginx]}" ]; then
+      ratios="$ratios $(awk -v a="${P99[ours]}" -v b="${P99[nginx]}" 'BEGIN {printf "%.2f", a / b}')"
     fi
-    say "| $front | $calls | $(kv "$line" p50_ms) | $(kv "$line" p99_ms) | $(kv "$line" max_ms) | $(kv "$line" ok) | $(kv "$line" errors) | $cpu |"
-    details="$details"$'\n'"- $front: \`$line\`"$'\n'"$(sed 's/^/  - /' "$TMP/stampede-$front-$clients.err")"
   done
   say ""
-  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
+  say "p99 ours / nginx, round by round:${ratios:- –}"
+  say ""
+  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); every front had one uncounted warm-up run first; upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run, connection set-up included. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
   say "$details"
 }
 
@@ -483,6 +511,93 @@ fi
 # ---------------------------------------------------------------------------------------
 # Memory: 200k distinct 2 KiB answers, then 100k distinct no-store URLs, per bound
 # ---------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------
+# L2 hits: a node with a cold L1 in front of a warm Redis, against redis-benchmark
+# ---------------------------------------------------------------------------------------
+if want l2; then
+
+say ""
+say "## L2 hits: a node with a cold L1 and a warm Redis ($L2_KEYS distinct 2 KiB answers)"
+say ""
+if [ "$NPROC" -ge 2 ]; then
+  NODE_CPU=(taskset -c 0)
+  LOAD_CPU=(taskset -c 1)
+else
+  NODE_CPU=()
+  LOAD_CPU=()
+fi
+free_port
+UP3_PORT=$PORT
+start upstream-l2 "$LOADGEN" upstream --listen "127.0.0.1:$UP3_PORT" --delay 0ms
+UPSTREAM_L2=http://127.0.0.1:$UP3_PORT
+wait_url "$UPSTREAM_L2/__count"
+upstream_l2_count() { curl -sf --max-time 5 "$UPSTREAM_L2/__count" | tr -d '[:space:]'; }
+# per_op MS N: microseconds per operation.
+per_op() { awk -v ms="$1" -v n="$2" 'BEGIN {if (n > 0) printf "%.1f", ms * 1000 / n; else print "–"}'; }
+# rate_of N MS: operations per CPU-second.
+rate_of() { awk -v n="$1" -v ms="$2" 'BEGIN {if (ms > 0) printf "%.0f", n * 1000 / ms; else print "–"}'; }
+
+# The entries come into Redis through one writer node (the answers a fleet stores).
+L2_PREFIX=/2k/l2-$RANDOM$RANDOM-
+start_ours l2-writer --upstream "$UPSTREAM_L2" --redis "$REDIS_URL" --ttl-override 1h --max-body 4096
+WRITER_PID=$LAST_PID
+l2fill=$(timeout 600 "$LOADGEN" fill --target "http://127.0.0.1:$LAST_PORT" --keys "$L2_KEYS" --prefix "$L2_PREFIX" \
+  --concurrency 64 2>"$TMP/l2-fill.err" || true)
+stop_pid "$WRITER_PID"
+stored=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" dbsize | tr -d '[:space:]')
+
+# What Redis itself does with one Lua read of a 2 KiB value, and with a plain GET.
+redis-cli -h 127.0.0.1 -p "$REDIS_PORT" set bench:2k "$(head -c 2048 /dev/zero | tr '\0' x)" >/dev/null
+LUA_SHA=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" script load "return redis.call('GET', KEYS[1])" | tr -d '[:space:]')
+RB_N=200000
+# bench_redis NAME ARGS...: redis-benchmark (64 clients, one command at a time) on the load
+# CPU; sets RB_RPS, RB_MS (redis-server CPU ms over the run) and RB_US (per command).
+bench_redis() {
+  local name=$1 cpu0 out
+  shift
+  cpu0=$(cpu_ms "$REDIS_PID")
+  out=$(timeout 120 "${LOAD_CPU[@]}" redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c 64 -n "$RB_N" -q "$@" 2>&1 | tr '\r' '\n' | grep 'requests per second' | tail -n1 || true)
+  RB_MS=$(($(cpu_ms "$REDIS_PID") - cpu0))
+  RB_US=$(per_op "$RB_MS" "$RB_N")
+  RB_RPS=$(awk '{for (i = 1; i <= NF; i++) if ($i == "requests") {print $(i - 1); exit}}' <<<"$out")
+  printf '%s\n' "- $name: \`$out\`" >>"$TMP/l2-notes.txt"
+}
+
+say "| round | what | requests/s | ok | upstream calls | node CPU µs/request | node requests per CPU-second | Redis CPU µs/request | Redis requests per CPU-second |"
+say "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+: >"$TMP/l2-notes.txt"
+for round in $(seq 1 "$L2_ROUNDS"); do
+  bench_redis "round $round, EVALSHA (GET of 2 KiB in Lua)" evalsha "$LUA_SHA" 1 bench:2k
+  say "| $round | redis-benchmark EVALSHA (a Lua GET of 2 KiB) | ${RB_RPS:-–} | $RB_N | – | – | – | $RB_US | $(rate_of "$RB_N" "$RB_MS") |"
+  bench_redis "round $round, GET of 2 KiB" get bench:2k
+  say "| $round | redis-benchmark GET (2 KiB) | ${RB_RPS:-–} | $RB_N | – | – | – | $RB_US | $(rate_of "$RB_N" "$RB_MS") |"
+  # A fresh node each round: its L1 (1 MiB, a few hundred answers) starts cold and stays
+  # cold, since the keys are read once each, in order.
+  PIN=("${NODE_CPU[@]}")
+  start_ours "l2-reader-$round" --upstream "$UPSTREAM_L2" --redis "$REDIS_URL" --workers 1 \
+    --cache-size 1048576 --ttl-override 1h --max-body 4096
+  PIN=()
+  reader=$LAST_PID
+  curl -s -o /dev/null "http://127.0.0.1:$LAST_PORT/__warm"
+  before=$(upstream_l2_count)
+  node0=$(cpu_ms "$reader")
+  redis0=$(cpu_ms "$REDIS_PID")
+  line=$(timeout 600 "${LOAD_CPU[@]}" "$LOADGEN" fill --target "http://127.0.0.1:$LAST_PORT" --keys "$L2_KEYS" \
+    --prefix "$L2_PREFIX" --concurrency 64 2>"$TMP/l2-read-$round.err" || true)
+  node=$(($(cpu_ms "$reader") - node0))
+  redis=$(($(cpu_ms "$REDIS_PID") - redis0))
+  calls=$(($(upstream_l2_count) - before))
+  stop_pid "$reader"
+  n=$(kv "$line" done)
+  say "| $round | ours: L2 hits through one node (--workers 1) | $(kv "$line" rps) | ${n:-0} | $calls | $(per_op "$node" "${n:-0}") | $(rate_of "${n:-0}" "$node") | $(per_op "$redis" "${n:-0}") | $(rate_of "${n:-0}" "$redis") |"
+  printf '%s\n' "- round $round, ours: \`$line\`" >>"$TMP/l2-notes.txt"
+done
+say ""
+say "Redis holds $stored keys, filled through one writer node (\`$l2fill\`). Each round: redis-benchmark (-c 64, one command at a time, pinned to CPU 1) on one 2 KiB key, then a fresh node pinned to CPU 0 (--workers 1, --cache-size 1 MiB: a few hundred answers, while the $L2_KEYS keys are read once each) answering every key once from Redis, driven by \`loadgen fill --concurrency 64\` on CPU 1; upstream calls = delta of the upstream's count (0: every answer came from Redis). CPU = user+system time from /proc over the run, in 10 ms ticks; redis-server is not pinned."
+say ""
+cat "$TMP/l2-notes.txt"
+fi
+
 if want memory; then
 
 say ""

@@ -175,6 +175,11 @@ struct StampedeArgs {
     /// between the requests' arrival and the upstream's answers).
     #[arg(long, value_parser = humantime::parse_duration)]
     cpu_mark: Option<Duration>,
+
+    /// Once every client is connected and warm, print `ready` on stderr and wait this long
+    /// before the release (time to start a profiler on the fronts for the burst alone).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    release_after: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -207,6 +212,13 @@ struct FillArgs {
 
 fn main() -> Result<(), BoxError> {
     let cli = Cli::parse();
+    // As the proxy does (its --huge-pages): the bare server and the load are measured
+    // without transparent huge pages.
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(workers) = cli.workers {
@@ -600,6 +612,10 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
     let connecting = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     // The clients and this task: the clock starts once everybody is connected.
     let barrier = Arc::new(Barrier::new(args.clients + 1));
+    // With --release-after, a second barrier: the release, after the pause.
+    let go = args
+        .release_after
+        .map(|_| Arc::new(Barrier::new(args.clients + 1)));
     let setup_failed = Arc::new(AtomicUsize::new(0));
 
     let n_targets = targets.len();
@@ -610,6 +626,7 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
         let path = format!("{}{key}-{run}", args.prefix);
         let (connecting, barrier, setup_failed) =
             (connecting.clone(), barrier.clone(), setup_failed.clone());
+        let go = go.clone();
         let timeout = args.timeout;
         tasks.push(tokio::spawn(async move {
             // Set up: open the connection and use it once, a few clients at a time.
@@ -627,6 +644,9 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
                 setup_failed.fetch_add(1, Ordering::SeqCst);
             }
             barrier.wait().await;
+            if let Some(go) = go {
+                go.wait().await;
+            }
             let result = match ready {
                 Ok(mut sender) => request(&mut sender, &target, &path, timeout).await,
                 Err(e) => Err(format!("setup: {e}")),
@@ -640,6 +660,11 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
     }
     let setup_started = Instant::now();
     barrier.wait().await;
+    if let (Some(go), Some(pause)) = (&go, args.release_after) {
+        eprintln!("ready");
+        tokio::time::sleep(pause).await;
+        go.wait().await;
+    }
     let released_unix_us = unix_us();
     let setup = setup_started.elapsed();
     let cpu_before = cpu_times(&args.cpu_of);
