@@ -100,6 +100,10 @@ events! {
     /// Wake-up messages received from Redis over pub/sub
     /// (`tower_stampede_wakeups_total`).
     wakeups => "tower_stampede_wakeups_total";
+    /// Looks at the tier by a waiting fill after a pause that no wake-up ended: the poll
+    /// under pub/sub, rare once the key's subscription is confirmed
+    /// (`tower_stampede_lock_polls_total`).
+    lock_polls => "tower_stampede_lock_polls_total";
 }
 
 /// The help text of every counter family, as `# HELP` shows it.
@@ -119,6 +123,7 @@ const COUNTER_HELP: &[(&str, &str)] = &[
     ("tower_stampede_bypassed_total", "Requests not eligible for caching (method, credentials, key function), sent straight upstream."),
     ("tower_stampede_upstream_failures_total", "Fills whose upstream call failed, panicked, timed out or answered 5xx."),
     ("tower_stampede_wakeups_total", "Wake-up messages received from Redis over pub/sub."),
+    ("tower_stampede_lock_polls_total", "Looks at the tier by waiting fills after a pause no wake-up ended (the safety net under pub/sub)."),
 ];
 
 /// The request duration histogram.

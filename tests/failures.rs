@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use redis::AsyncCommands;
 use support::{cache_status, get, RedisServer, Upstream};
 use tower::{Layer, ServiceExt};
@@ -223,4 +223,43 @@ async fn a_waiter_that_missed_the_wake_up_reads_the_failure_marker_instead_of_re
         "B's waiters took A's outcome, not a new attempt"
     );
     server.wait_for_keys("stampede:*:lock", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_wake_up_is_confirmed_polls_far_less_than_one_that_cannot_subscribe() {
+    let server = RedisServer::start();
+    let deaf_url = server.deaf_url().await;
+    let upstream = Upstream::new(Duration::from_millis(1500));
+    let every = Duration::from_millis(30);
+    let a = node(&server).build();
+    let hearing = node(&server).poll_interval(every).build();
+    // This node's user may not subscribe: its waiter polls at the configured pace.
+    let deaf = StampedeLayer::builder()
+        .backend(Backend::redis(deaf_url).unwrap())
+        .redis_timeout(Duration::from_secs(1))
+        .poll_interval(every)
+        .build();
+    let leader = tokio::spawn(a.layer(upstream.service()).oneshot(get("/p")));
+    server.wait_for_keys("stampede:*:lock", 1).await;
+    let heard = tokio::spawn(hearing.layer(upstream.service()).oneshot(get("/p")));
+    let polled = tokio::spawn(deaf.layer(upstream.service()).oneshot(get("/p")));
+    for res in [leader, heard, polled] {
+        let res = res.await.unwrap().unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let status = cache_status(&res);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "/p #1", "{status}");
+    }
+    assert_eq!(upstream.calls(), 1);
+    let (hearing, deaf) = (hearing.stats(), deaf.stats());
+    assert!(hearing.wakeups >= 1, "{hearing:?}");
+    assert_eq!(deaf.wakeups, 0, "{deaf:?}");
+    // Over the same 1.5 s wait: every 30 ms or so without a subscription, every 300 ms or
+    // so with a confirmed one (the poll is only the safety net under pub/sub).
+    assert!(
+        hearing.lock_polls * 3 < deaf.lock_polls,
+        "polls with a confirmed subscription: {}, without: {}",
+        hearing.lock_polls,
+        deaf.lock_polls
+    );
 }

@@ -123,6 +123,10 @@ pub(crate) struct Stored<T> {
 /// some (otherwise L1 takes that quarter).
 const MARKER_SHARE: u64 = 16;
 
+/// How many poll intervals a waiter whose wake-up subscription is confirmed waits between
+/// two looks at the tier: the wake-up answers it; the poll covers a lost one.
+const CONFIRMED_POLL: u32 = 10;
+
 /// What one marker costs in memory (see [`weight::MARKER`]).
 const MARKER_WEIGHT: u32 = weight::MARKER as u32;
 
@@ -1044,9 +1048,17 @@ where
                             Err(e) => return self.tier_failed(key, e),
                         }
                     }
-                    // Never a tight loop, whatever the lock's TTL says.
+                    // Never a tight loop, whatever the lock's TTL says. With the key's
+                    // subscription confirmed the wake-up will come, and the poll is only
+                    // the safety net: it runs CONFIRMED_POLL times less often (and still
+                    // right after the lock's TTL, for a holder that died).
                     let left = left.unwrap_or(Duration::MAX);
-                    let mut pause = jittered(cfg.poll_interval, cfg.poll_interval / 2)
+                    let every = if waiting.confirmed() {
+                        cfg.poll_interval.saturating_mul(CONFIRMED_POLL)
+                    } else {
+                        cfg.poll_interval
+                    };
+                    let mut pause = jittered(every, every / 2)
                         .min(left.saturating_add(Duration::from_millis(1)))
                         .max(cfg.poll_interval / 2)
                         .min(cfg.lock_wait - elapsed);
@@ -1058,6 +1070,9 @@ where
                         _ = &mut notified => true,
                         _ = tokio::time::sleep(pause) => false,
                     };
+                    if !woken {
+                        self.counters.incr(Event::lock_polls);
+                    }
                     // A wake-up that carries the value saves the read; one that says the
                     // attempt failed is that attempt's answer for this caller too.
                     match woken.then(|| waiting.last()).flatten() {

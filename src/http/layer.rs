@@ -432,7 +432,10 @@ impl StampedeBuilder {
     }
 
     /// How often a waiter re-checks Redis when no wake-up arrives (plus up to half of it
-    /// as jitter; never sooner than half of it, whatever the lock's time to live).
+    /// as jitter; never sooner than half of it, whatever the lock's time to live). Once the
+    /// key's wake-up subscription is confirmed the wake-up answers the waiter, and it
+    /// re-checks only every ten of these (and when the lock's time to live runs out); it
+    /// polls at this pace again as soon as the subscription's connection is lost.
     /// Default 50 ms.
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.flight.poll_interval = every.max(Duration::from_millis(1));

@@ -157,7 +157,7 @@ async fn subscribe(
                     for (hash, done) in futures_util::future::join_all(subscribing).await {
                         match done {
                             // Confirmed: a fill that landed before is in the tier now.
-                            Ok(()) => wakers.nudge(&hash),
+                            Ok(()) => wakers.confirm(&hash),
                             Err(e) => {
                                 tracing::debug!(error = %e, "shard channel not subscribed; trying again shortly");
                                 live.forget(&hash);
@@ -190,6 +190,7 @@ async fn subscribe(
                             // client's own re-subscription is not relied upon).
                             PushKind::Disconnection => {
                                 tracing::debug!("cluster pub/sub connection lost; subscribing again");
+                                wakers.unconfirm_all();
                                 bounded(limit, conn.subscribe(&broadcast)).await?;
                                 live.clear();
                                 pending = wakers.wanted();
@@ -202,6 +203,7 @@ async fn subscribe(
                                 };
                                 if let Some(hash) = hash.filter(|h| live.contains(h)) {
                                     live.forget(&hash);
+                                    wakers.unconfirm(&hash);
                                     pending.push(hash);
                                 }
                             }
@@ -219,7 +221,9 @@ async fn subscribe(
             }
         };
         let connected_at = tokio::time::Instant::now();
-        match session.await {
+        let ended = session.await;
+        wakers.unconfirm_all();
+        match ended {
             Ok(()) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "cluster wake-up subscription lost; polling covers the gap")

@@ -140,6 +140,9 @@ struct Slot {
     last: Mutex<Option<Wake>>,
     /// A waiter found the lock held elsewhere: the key's channel is wanted.
     wanted: AtomicBool,
+    /// The subscription to the key's channel is confirmed and its connection up: the
+    /// key's wake-up will be heard, so its waiters may poll the tier less often.
+    confirmed: AtomicBool,
 }
 
 /// A registration; dropping it unregisters.
@@ -152,6 +155,12 @@ pub(crate) struct Waiting {
 impl Waiting {
     pub(crate) fn notify(&self) -> &Notify {
         &self.slot.notify
+    }
+
+    /// Whether the key's wake-up will be heard: its subscription is confirmed, on a
+    /// connection that has not been lost since.
+    pub(crate) fn confirmed(&self) -> bool {
+        self.slot.confirmed.load(Ordering::Acquire)
     }
 
     /// What the last wake-up said, if one came.
@@ -197,12 +206,37 @@ impl Wakers {
         }
     }
 
-    /// Wakes the waiters on `hash` without a message: they look at the tier again (their
-    /// subscription has just been confirmed).
-    pub(crate) fn nudge(&self, hash: &[u8; 32]) {
+    /// The subscription to `hash`'s channel is confirmed: its waiters look at the tier
+    /// again without a message (a fill that landed before the subscription is there now),
+    /// and from then on may poll less often.
+    pub(crate) fn confirm(&self, hash: &[u8; 32]) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = map.get(hash) {
+            slot.confirmed.store(true, Ordering::Release);
             slot.notify.notify_waiters();
+        }
+    }
+
+    /// `hash`'s subscription is gone (its shard dropped it): its waiters poll at the
+    /// usual pace again, starting now.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn unconfirm(&self, hash: &[u8; 32]) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = map.get(hash) {
+            if slot.confirmed.swap(false, Ordering::AcqRel) {
+                slot.notify.notify_waiters();
+            }
+        }
+    }
+
+    /// The pub/sub connection is lost: no subscription is confirmed any more, and every
+    /// waiter that relied on one looks at the tier now and polls at the usual pace.
+    pub(crate) fn unconfirm_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in map.values() {
+            if slot.confirmed.swap(false, Ordering::AcqRel) {
+                slot.notify.notify_waiters();
+            }
         }
     }
 
@@ -413,7 +447,7 @@ pub(crate) async fn subscribe<C, F>(
                             chunk.iter().map(|h| key_channel(&prefix, h)).collect();
                         bounded(limit, subs.subscribe(channels)).await?;
                         // Confirmed: a fill that landed before is in the tier now.
-                        chunk.iter().for_each(|h| wakers.nudge(h));
+                        chunk.iter().for_each(|h| wakers.confirm(h));
                     }
                 }
                 let next_expiry = wakers.expire();
@@ -433,7 +467,10 @@ pub(crate) async fn subscribe<C, F>(
             }
         };
         let connected_at = tokio::time::Instant::now();
-        match session.await {
+        let ended = session.await;
+        // Whatever was subscribed on that connection is not any more.
+        wakers.unconfirm_all();
+        match ended {
             Ok(()) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "wake-up subscription lost; polling covers the gap")
