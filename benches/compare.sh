@@ -97,6 +97,16 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolcha
 # ---------------------------------------------------------------------------------------
 
 NPROC=$(nproc)
+# The one-core comparisons (hit, l2): the server on CPU 0, its load on CPU 1.
+if [ "$NPROC" -ge 2 ]; then
+  SERVER_CPU=(taskset -c 0)
+  LOAD_CPU=(taskset -c 1)
+  pinning="server pinned to CPU 0 (taskset -c 0), wrk to CPU 1 (taskset -c 1)"
+else
+  SERVER_CPU=()
+  LOAD_CPU=()
+  pinning="one CPU only: nothing pinned"
+fi
 CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
 say "## Machine"
 say ""
@@ -246,6 +256,17 @@ done
 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG || die "redis-server did not start"
 REDIS_PID=$LAST_PID
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT/
+
+# fast_upstream: starts, once, a counting upstream that answers at once (for the sections
+# that fill a cache); sets $UPSTREAM_FAST.
+UPSTREAM_FAST=""
+fast_upstream() {
+  [ -n "$UPSTREAM_FAST" ] && return 0
+  free_port
+  start upstream-fast "$LOADGEN" upstream --listen "127.0.0.1:$PORT" --delay 0ms
+  UPSTREAM_FAST=http://127.0.0.1:$PORT
+  wait_url "$UPSTREAM_FAST/__count"
+}
 
 # start_ours NAME [proxy flags...]: starts a proxy (under "${PIN[@]}", if set), sets
 # $LAST_PORT and $LAST_PID.
@@ -423,23 +444,13 @@ if want hit; then
 say ""
 say "## Hit throughput (wrk -t1 -c64 -d${WRK_SECONDS}s on one warm key)"
 say ""
-if [ "$NPROC" -ge 2 ]; then
-  SERVER_CPU=(taskset -c 0)
-  WRK_CPU=(taskset -c 1)
-  pinning="server pinned to CPU 0 (taskset -c 0), wrk to CPU 1 (taskset -c 1)"
-else
-  SERVER_CPU=()
-  WRK_CPU=()
-  pinning="one CPU only: nothing pinned"
-fi
-
 WRK_ROUNDS=3
 
 # wrk_run NAME URL: one wrk run; sets WRK_RPS, WRK_P50, WRK_P99, WRK_BAD.
 wrk_run() {
   local name=$1 url=$2 out
   out=$TMP/wrk-$name.txt
-  timeout $((WRK_SECONDS + 30)) "${WRK_CPU[@]}" wrk -t1 -c64 "-d${WRK_SECONDS}s" --latency "$url" >"$out" 2>&1 || true
+  timeout $((WRK_SECONDS + 30)) "${LOAD_CPU[@]}" wrk -t1 -c64 "-d${WRK_SECONDS}s" --latency "$url" >"$out" 2>&1 || true
   WRK_RPS=$(awk '/^Requests\/sec:/ {print $2}' "$out")
   WRK_P50=$(awk '$1 == "50%" {print $2}' "$out")
   WRK_P99=$(awk '$1 == "99%" {print $2}' "$out")
@@ -485,7 +496,7 @@ say "|---:|---|---:|---:|---:|---|"
 # Alternate, so that a burst of load from elsewhere on the machine hits every front.
 # One uncounted run each first: connections, allocator and caches warm.
 for front in "${WRK_FRONTS[@]}"; do
-  timeout 30 "${WRK_CPU[@]}" wrk -t1 -c64 -d3s "${URL[$front]}" >/dev/null 2>&1 || true
+  timeout 30 "${LOAD_CPU[@]}" wrk -t1 -c64 -d3s "${URL[$front]}" >/dev/null 2>&1 || true
 done
 ROUND_RATIOS=()
 for round in $(seq 1 "$WRK_ROUNDS"); do
@@ -509,9 +520,6 @@ say ""
 fi
 
 # ---------------------------------------------------------------------------------------
-# Memory: 200k distinct 2 KiB answers, then 100k distinct no-store URLs, per bound
-# ---------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------
 # L2 hits: a node with a cold L1 in front of a warm Redis, against redis-benchmark
 # ---------------------------------------------------------------------------------------
 if want l2; then
@@ -519,19 +527,8 @@ if want l2; then
 say ""
 say "## L2 hits: a node with a cold L1 and a warm Redis ($L2_KEYS distinct 2 KiB answers)"
 say ""
-if [ "$NPROC" -ge 2 ]; then
-  NODE_CPU=(taskset -c 0)
-  LOAD_CPU=(taskset -c 1)
-else
-  NODE_CPU=()
-  LOAD_CPU=()
-fi
-free_port
-UP3_PORT=$PORT
-start upstream-l2 "$LOADGEN" upstream --listen "127.0.0.1:$UP3_PORT" --delay 0ms
-UPSTREAM_L2=http://127.0.0.1:$UP3_PORT
-wait_url "$UPSTREAM_L2/__count"
-upstream_l2_count() { curl -sf --max-time 5 "$UPSTREAM_L2/__count" | tr -d '[:space:]'; }
+fast_upstream
+upstream_l2_count() { curl -sf --max-time 5 "$UPSTREAM_FAST/__count" | tr -d '[:space:]'; }
 # per_op MS N: microseconds per operation.
 per_op() { awk -v ms="$1" -v n="$2" 'BEGIN {if (n > 0) printf "%.1f", ms * 1000 / n; else print "–"}'; }
 # rate_of N MS: operations per CPU-second.
@@ -539,12 +536,19 @@ rate_of() { awk -v n="$1" -v ms="$2" 'BEGIN {if (ms > 0) printf "%.0f", n * 1000
 
 # The entries come into Redis through one writer node (the answers a fleet stores).
 L2_PREFIX=/2k/l2-$RANDOM$RANDOM-
-start_ours l2-writer --upstream "$UPSTREAM_L2" --redis "$REDIS_URL" --ttl-override 1h --max-body 4096
+start_ours l2-writer --upstream "$UPSTREAM_FAST" --redis "$REDIS_URL" --ttl-override 1h --max-body 4096
 WRITER_PID=$LAST_PID
 l2fill=$(timeout 600 "$LOADGEN" fill --target "http://127.0.0.1:$LAST_PORT" --keys "$L2_KEYS" --prefix "$L2_PREFIX" \
   --concurrency 64 2>"$TMP/l2-fill.err" || true)
+# The writer answers before its store lands: let the last stores land before stopping it.
+dbsize() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" dbsize | tr -d '[:space:]'; }
+stored=$(dbsize)
+for i in $(seq 1 50); do
+  sleep 0.2
+  [ "$(dbsize)" = "$stored" ] && break
+  stored=$(dbsize)
+done
 stop_pid "$WRITER_PID"
-stored=$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" dbsize | tr -d '[:space:]')
 
 # What Redis itself does with one Lua read of a 2 KiB value, and with a plain GET.
 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" set bench:2k "$(head -c 2048 /dev/zero | tr '\0' x)" >/dev/null
@@ -573,8 +577,8 @@ for round in $(seq 1 "$L2_ROUNDS"); do
   say "| $round | redis-benchmark GET (2 KiB) | ${RB_RPS:-–} | $RB_N | – | – | – | $RB_US | $(rate_of "$RB_N" "$RB_MS") |"
   # A fresh node each round: its L1 (1 MiB, a few hundred answers) starts cold and stays
   # cold, since the keys are read once each, in order.
-  PIN=("${NODE_CPU[@]}")
-  start_ours "l2-reader-$round" --upstream "$UPSTREAM_L2" --redis "$REDIS_URL" --workers 1 \
+  PIN=("${SERVER_CPU[@]}")
+  start_ours "l2-reader-$round" --upstream "$UPSTREAM_FAST" --redis "$REDIS_URL" --workers 1 \
     --cache-size 1048576 --ttl-override 1h --max-body 4096
   PIN=()
   reader=$LAST_PID
@@ -598,16 +602,15 @@ say ""
 cat "$TMP/l2-notes.txt"
 fi
 
+# ---------------------------------------------------------------------------------------
+# Memory: 200k distinct 2 KiB answers, then 100k distinct no-store URLs, per bound
+# ---------------------------------------------------------------------------------------
 if want memory; then
 
 say ""
 say "## Memory: $FILL_KEYS distinct 2 KiB answers, then $NOSTORE_KEYS distinct no-store URLs, through one proxy (local backend, --max-body 4096 --ttl 1h)"
 say ""
-free_port
-UP2_PORT=$PORT
-start upstream-fast "$LOADGEN" upstream --listen "127.0.0.1:$UP2_PORT" --delay 0ms
-UPSTREAM_FAST=http://127.0.0.1:$UP2_PORT
-wait_url "$UPSTREAM_FAST/__count"
+fast_upstream
 PAYLOAD_KB=$((FILL_KEYS * 2048 / 1024))
 
 # healthz URL KEY: a number from the proxy's /healthz (it brings L1's evictions up to date).
