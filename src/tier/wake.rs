@@ -20,7 +20,7 @@ use std::collections::HashMap;
 #[cfg(feature = "redis")]
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[cfg(feature = "redis")]
 use std::sync::Weak;
 use std::sync::{Arc, Mutex};
@@ -136,8 +136,9 @@ pub(crate) struct Wakers {
 #[derive(Debug, Default)]
 struct Slot {
     notify: Notify,
-    /// What the last wake-up said.
-    last: Mutex<Option<Wake>>,
+    /// What the last wake-up said, and its number (the slot's wake-ups counted from 1),
+    /// so that a waiter takes only the wake-ups that came while it waited.
+    last: Mutex<Option<(u64, Wake)>>,
     /// A waiter found the lock held elsewhere: the key's channel is wanted.
     wanted: AtomicBool,
     /// The subscription to the key's channel is confirmed and its connection up: the
@@ -150,6 +151,8 @@ pub(crate) struct Waiting {
     wakers: Arc<Wakers>,
     hash: [u8; 32],
     slot: Arc<Slot>,
+    /// The number of the last wake-up this waiter has seen (or that came before it).
+    seen: AtomicU64,
 }
 
 impl Waiting {
@@ -163,13 +166,18 @@ impl Waiting {
         self.slot.confirmed.load(Ordering::Acquire)
     }
 
-    /// What the last wake-up said, if one came.
+    /// What the last wake-up said, if one came since this waiter registered and since
+    /// the last call: an earlier attempt's failure is not this waiter's answer, and a
+    /// nudge without a message (a subscription confirmed or lost) reads as none.
     pub(crate) fn last(&self) -> Option<Wake> {
-        self.slot
-            .last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let last = self.slot.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((n, wake)) if *n > self.seen.load(Ordering::Relaxed) => {
+                self.seen.store(*n, Ordering::Relaxed);
+                Some(wake.clone())
+            }
+            _ => None,
+        }
     }
 }
 
@@ -191,17 +199,27 @@ impl Wakers {
     pub(crate) fn register(self: &Arc<Self>, hash: [u8; 32]) -> Waiting {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let slot = map.entry(hash).or_default().clone();
+        let seen = slot
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |(n, _)| *n);
         Waiting {
             wakers: self.clone(),
             hash,
             slot,
+            seen: AtomicU64::new(seen),
         }
     }
 
     pub(crate) fn wake(&self, hash: &[u8; 32], wake: Wake) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = map.get(hash) {
-            *slot.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+            let mut last = slot.last.lock().unwrap_or_else(|e| e.into_inner());
+            let n = last.as_ref().map_or(1, |(n, _)| n + 1);
+            *last = Some((n, wake));
+            drop(last);
             slot.notify.notify_waiters();
         }
     }
@@ -613,6 +631,28 @@ mod tests {
         assert_eq!(with(b"!X42"), Wake::Invalidated(Some(42)));
         assert_eq!(parse_message(b"not hex"), None);
         assert_eq!(parse_message(&[b'z'; 64]), None);
+    }
+
+    #[test]
+    fn a_waiter_takes_only_the_wake_ups_that_came_while_it_waited() {
+        let wakers = Arc::new(Wakers::default());
+        let h = [3u8; 32];
+        let early = wakers.register(h);
+        wakers.wake(&h, Wake::Failed(502));
+        // Registered after that attempt failed, while the slot still lives.
+        let late = wakers.register(h);
+        assert_eq!(early.last(), Some(Wake::Failed(502)));
+        assert_eq!(early.last(), None, "each wake-up is taken once");
+        assert_eq!(
+            late.last(),
+            None,
+            "an earlier attempt's failure is not its answer"
+        );
+        wakers.confirm(&h);
+        assert_eq!(late.last(), None, "a nudge carries no message");
+        wakers.wake(&h, Wake::Ended);
+        assert_eq!(late.last(), Some(Wake::Ended));
+        assert_eq!(early.last(), Some(Wake::Ended));
     }
 
     #[test]
