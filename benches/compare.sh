@@ -242,7 +242,8 @@ UP_PORT=$PORT
 UPSTREAM=http://127.0.0.1:$UP_PORT
 start upstream "$LOADGEN" upstream --listen "127.0.0.1:$UP_PORT" --delay "$UPSTREAM_DELAY"
 wait_url "$UPSTREAM/__count"
-upstream_count() { curl -sf --max-time 5 "$UPSTREAM/__count" | tr -d '[:space:]'; }
+# upstream_count [URL]: the requests the upstream at URL (default: the 200 ms one) served.
+upstream_count() { curl -sf --max-time 5 "${1:-$UPSTREAM}/__count" | tr -d '[:space:]'; }
 
 free_port
 REDIS_PORT=$PORT
@@ -528,7 +529,6 @@ say ""
 say "## L2 hits: a node with a cold L1 and a warm Redis ($L2_KEYS distinct 2 KiB answers)"
 say ""
 fast_upstream
-upstream_l2_count() { curl -sf --max-time 5 "$UPSTREAM_FAST/__count" | tr -d '[:space:]'; }
 # per_op MS N: microseconds per operation.
 per_op() { awk -v ms="$1" -v n="$2" 'BEGIN {if (n > 0) printf "%.1f", ms * 1000 / n; else print "–"}'; }
 # rate_of N MS: operations per CPU-second.
@@ -545,8 +545,9 @@ dbsize() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" dbsize | tr -d '[:space:]'; }
 stored=$(dbsize)
 for i in $(seq 1 50); do
   sleep 0.2
-  [ "$(dbsize)" = "$stored" ] && break
-  stored=$(dbsize)
+  now=$(dbsize)
+  [ "$now" = "$stored" ] && break
+  stored=$now
 done
 stop_pid "$WRITER_PID"
 
@@ -583,14 +584,14 @@ for round in $(seq 1 "$L2_ROUNDS"); do
   PIN=()
   reader=$LAST_PID
   curl -s -o /dev/null "http://127.0.0.1:$LAST_PORT/__warm"
-  before=$(upstream_l2_count)
+  before=$(upstream_count "$UPSTREAM_FAST")
   node0=$(cpu_ms "$reader")
   redis0=$(cpu_ms "$REDIS_PID")
   line=$(timeout 600 "${LOAD_CPU[@]}" "$LOADGEN" fill --target "http://127.0.0.1:$LAST_PORT" --keys "$L2_KEYS" \
     --prefix "$L2_PREFIX" --concurrency 64 2>"$TMP/l2-read-$round.err" || true)
   node=$(($(cpu_ms "$reader") - node0))
   redis=$(($(cpu_ms "$REDIS_PID") - redis0))
-  calls=$(($(upstream_l2_count) - before))
+  calls=$(($(upstream_count "$UPSTREAM_FAST") - before))
   stop_pid "$reader"
   n=$(kv "$line" done)
   say "| $round | ours: L2 hits through one node (--workers 1) | $(kv "$line" rps) | ${n:-0} | $calls | $(per_op "$node" "${n:-0}") | $(rate_of "${n:-0}" "$node") | $(per_op "$redis" "${n:-0}") | $(rate_of "${n:-0}" "$redis") |"

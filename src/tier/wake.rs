@@ -146,6 +146,16 @@ struct Slot {
     confirmed: AtomicBool,
 }
 
+impl Slot {
+    /// No longer confirmed: the waiters, if they relied on it, look at the tier now and
+    /// poll at the usual pace again.
+    fn unconfirm(&self) {
+        if self.confirmed.swap(false, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
 /// A registration; dropping it unregisters.
 pub(crate) struct Waiting {
     wakers: Arc<Wakers>,
@@ -241,9 +251,7 @@ impl Wakers {
     pub(crate) fn unconfirm(&self, hash: &[u8; 32]) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = map.get(hash) {
-            if slot.confirmed.swap(false, Ordering::AcqRel) {
-                slot.notify.notify_waiters();
-            }
+            slot.unconfirm();
         }
     }
 
@@ -251,11 +259,7 @@ impl Wakers {
     /// waiter that relied on one looks at the tier now and polls at the usual pace.
     pub(crate) fn unconfirm_all(&self) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        for slot in map.values() {
-            if slot.confirmed.swap(false, Ordering::AcqRel) {
-                slot.notify.notify_waiters();
-            }
-        }
+        map.values().for_each(|slot| slot.unconfirm());
     }
 
     /// A check of `hash` found the lock held by another node: subscribe to the key's
