@@ -445,7 +445,8 @@ if want hit; then
 say ""
 say "## Hit throughput (wrk -t1 -c64 -d${WRK_SECONDS}s on one warm key)"
 say ""
-WRK_ROUNDS=3
+# Alternating rounds of the hit section (each front once per round); may be set from outside.
+WRK_ROUNDS=${WRK_ROUNDS:-3}
 
 # wrk_run NAME URL: one wrk run; sets WRK_RPS, WRK_P50, WRK_P99, WRK_BAD.
 wrk_run() {
@@ -511,9 +512,12 @@ for round in $(seq 1 "$WRK_ROUNDS"); do
   done
   ROUND_RATIOS+=("$(ratio "${RPS[ours]}" "${RPS[bare]}")")
 done
+# The median of the round ratios: each pairs runs seconds apart, so a slow spell on the
+# machine tends to hit both.
+MEDIAN_RATIO=$(printf '%s\n' "${ROUND_RATIOS[@]}" | tr -d '×' | sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2}')
 for front in "${WRK_FRONTS[@]}"; do stop_pid "${PIDOF[$front]}"; done
 say ""
-say "**ours / bare hyper = $(ratio "${BEST[ours]}" "${BEST[bare]}")** (best of $WRK_ROUNDS alternating rounds each: ${BEST[ours]} vs ${BEST[bare]} requests/sec; round by round: ${ROUND_RATIOS[*]}); **ours / nginx = $(ratio "${BEST[ours]}" "${BEST[nginx]}")** (${BEST[nginx]} requests/sec); ours / nginx with open_file_cache = $(ratio "${BEST[ours]}" "${BEST[nginx-ofc]}") (${BEST[nginx-ofc]} requests/sec)."
+say "**ours / bare hyper = $(ratio "${BEST[ours]}" "${BEST[bare]}")** (best of $WRK_ROUNDS alternating rounds each: ${BEST[ours]} vs ${BEST[bare]} requests/sec; round by round: ${ROUND_RATIOS[*]}, median ${MEDIAN_RATIO}×); **ours / nginx = $(ratio "${BEST[ours]}" "${BEST[nginx]}")** (${BEST[nginx]} requests/sec); ours / nginx with open_file_cache = $(ratio "${BEST[ours]}" "${BEST[nginx-ofc]}") (${BEST[nginx-ofc]} requests/sec)."
 say ""
 say "ours: proxy --workers 1 ($OURS_THREADS threads, all pinned), Cache-Status \`$OURS_STATUS\`, $OURS_HEAD-byte response head; bare: \`loadgen --workers 1 bare\` (hyper-util's auto server, as the proxy), $BARE_HEAD-byte head; nginx: worker_processes 1, access_log off, X-Cache-Status \`$NGINX_STATUS\`, $NGINX_HEAD-byte head; nginx-ofc: the same plus \`open_file_cache max=1000 inactive=60s\`; body $HOT_BODY bytes from all; $pinning."
 say ""

@@ -585,13 +585,16 @@ where
     /// A fresh copy of `key` in this process's memory as of `now`, when a hit on it has
     /// nothing else to do (no early refresh is configured): the HTTP hit path answers it
     /// without building a fill. Not counted: the caller counts the hit it serves.
-    pub(crate) async fn fresh_in_memory(&self, key: &Key, now: u64) -> Option<Arc<Stored<T>>> {
+    pub(crate) fn fresh_in_memory_now(&self, key: &Key, now: u64) -> Option<Arc<Stored<T>>> {
         if self.cfg.early_refresh.is_some() {
             return None;
         }
+        // moka's read completes at once unless it runs its housekeeping and that has to
+        // wait: then the lookup gives up here, and the caller's async path reads again.
         self.l1
             .get(&key.hash.0)
-            .await
+            .now_or_never()
+            .flatten()
             .filter(|entry| entry.meta.is_fresh_at(now))
     }
 

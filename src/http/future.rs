@@ -14,7 +14,8 @@ use super::body::StampedeBody;
 use super::shared::Shared;
 use super::status::Outcome;
 
-type Boxed<B, E> = Pin<Box<dyn Future<Output = Result<Response<StampedeBody<B>>, E>> + Send>>;
+pub(crate) type Boxed<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<StampedeBody<B>>, E>> + Send>>;
 
 tokio::task_local! {
     /// The outcome of the request whose future is being polled, noted by `stamp`.
@@ -29,7 +30,7 @@ tokio::task_local! {
 /// dropped records nothing). Both are done here rather than by wrapping the request's
 /// future, so that future is built once, in its box, and never moved again.
 pub struct ResponseFuture<B, E> {
-    inner: Boxed<B, E>,
+    inner: State<B, E>,
     span: tracing::Span,
     shared: Arc<Shared>,
     started: Instant,
@@ -37,14 +38,51 @@ pub struct ResponseFuture<B, E> {
     outcome: Option<Outcome>,
 }
 
+/// The request's path still running, or the answer it already has.
+enum State<B, E> {
+    Path(Boxed<B, E>),
+    /// Answered when the request was called (a hit in memory); `None` once taken.
+    Answered(Option<Response<StampedeBody<B>>>),
+}
+
 impl<B, E> ResponseFuture<B, E> {
-    pub(crate) fn new(inner: Boxed<B, E>, span: tracing::Span, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        inner: Boxed<B, E>,
+        span: tracing::Span,
+        shared: Arc<Shared>,
+        started: Instant,
+    ) -> Self {
         ResponseFuture {
-            inner,
+            inner: State::Path(inner),
             span,
             shared,
-            started: Instant::now(),
+            started,
             outcome: None,
+        }
+    }
+
+    /// A future that is ready with `res`, the answer from memory.
+    pub(crate) fn answered(
+        res: Response<StampedeBody<B>>,
+        span: tracing::Span,
+        shared: Arc<Shared>,
+        started: Instant,
+    ) -> Self {
+        ResponseFuture {
+            inner: State::Answered(Some(res)),
+            span,
+            shared,
+            started,
+            outcome: Some(Outcome::HitMemory),
+        }
+    }
+
+    fn record(&self, outcome: Option<Outcome>) {
+        if cfg!(feature = "metrics") {
+            self.shared.core.counters.record_request(
+                Outcome::ended(outcome),
+                self.started.elapsed().as_secs_f64(),
+            );
         }
     }
 }
@@ -61,12 +99,20 @@ impl<B, E> Future for ResponseFuture<B, E> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // Every field is `Unpin` (the request's future is boxed).
         let this = self.get_mut();
+        let inner = match &mut this.inner {
+            State::Path(inner) => inner,
+            State::Answered(res) => {
+                let res = res.take().expect("ResponseFuture polled after completion");
+                this.record(this.outcome);
+                return Poll::Ready(Ok(res));
+            }
+        };
         let _entered = this.span.enter();
         if !cfg!(feature = "metrics") {
-            return this.inner.as_mut().poll(cx);
+            return inner.as_mut().poll(cx);
         }
         let (poll, outcome) = OUTCOME.sync_scope(Cell::new(this.outcome), || {
-            let poll = this.inner.as_mut().poll(cx);
+            let poll = inner.as_mut().poll(cx);
             (poll, OUTCOME.with(Cell::get))
         });
         this.outcome = outcome;
@@ -75,10 +121,7 @@ impl<B, E> Future for ResponseFuture<B, E> {
                 Ok(_) => this.outcome,
                 Err(_) => None,
             };
-            this.shared.core.counters.record_request(
-                Outcome::ended(outcome),
-                this.started.elapsed().as_secs_f64(),
-            );
+            this.record(outcome);
         }
         poll
     }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
@@ -19,7 +19,7 @@ use tower_service::Service;
 
 use super::body::StampedeBody;
 use super::bounds::{HttpBody, Inner};
-use super::future::{ResponseFuture, OUTCOME};
+use super::future::{Boxed, ResponseFuture, OUTCOME};
 use super::policy::{
     etag_matches, etag_matches_strong, strip_conditionals, take_tags, ByteRange, Conditionals,
     Freshness,
@@ -109,9 +109,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // The ready service goes with the request; this handle keeps a fresh clone.
-        let clone = self.inner.clone();
-        let svc = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
         let span = tracing::debug_span!(
             "stampede",
             method = %req.method(),
@@ -119,13 +117,72 @@ where
             key = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        // One allocation, and the request's future is moved once, into it.
+        let (mut parts, body) = req.into_parts();
+        // The hit path, here and synchronous: a request keyed and answered from memory
+        // gets a future that holds its response, with nothing boxed and no inner call.
+        let path = {
+            let _entered = span.enter();
+            self.shared.path_of(&mut parts)
+        };
         let shared = self.shared.clone();
-        ResponseFuture::new(
-            Box::pin(handle(self.shared.clone(), svc, req)),
-            span,
-            shared,
-        )
+        let keyed = match path {
+            Path::Answered(res) => return ResponseFuture::answered(res, span, shared, started),
+            Path::Keyed(keyed, ask) => Ok((keyed, ask)),
+            Path::Bypass(outcome) => Err(outcome),
+        };
+        // The ready service goes with the request; this handle keeps a fresh clone.
+        let clone = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, clone);
+        let req = Request::from_parts(parts, body);
+        // One allocation, and the request's future is moved once, into it.
+        let inner = match keyed {
+            Ok((keyed, ask)) => {
+                Box::pin(handle(shared.clone(), svc, req, keyed, ask)) as Boxed<_, _>
+            }
+            Err(outcome) => Box::pin(bypass(shared.clone(), svc, req, outcome)),
+        };
+        ResponseFuture::new(inner, span, shared, started)
+    }
+}
+
+/// Where a request goes, as far as its head and this node's memory tell.
+enum Path<B> {
+    /// Answered from memory.
+    Answered(Response<StampedeBody<B>>),
+    /// Keyed, with no fresh answer in memory (or one only the async path may give).
+    Keyed(RequestKey, Ask),
+    /// Not keyed: straight through.
+    Bypass(Outcome),
+}
+
+impl Shared {
+    /// The key of a request and, when a fresh answer is in memory, that answer. The
+    /// request goes upstream, if it does, without this client's validators.
+    fn path_of<B>(&self, parts: &mut http::request::Parts) -> Path<B> {
+        let keyed = match self.key_for(parts) {
+            Ok(keyed) => keyed,
+            Err(outcome) => return Path::Bypass(outcome),
+        };
+        if tracing::level_enabled!(tracing::Level::DEBUG) {
+            tracing::Span::current().record("key", tracing::field::display(keyed.key.short()));
+        }
+        let head = parts.method == Method::HEAD;
+        // What goes upstream does so for everyone: without this client's validators.
+        let cond = strip_conditionals(&mut parts.headers, self.rules.standards());
+        let arrival = now_ms();
+        let ask = Ask {
+            head,
+            cond,
+            arrival,
+            now: arrival,
+        };
+        match self.core.fresh_in_memory_now(&keyed.key, arrival) {
+            Some(stored) if !stored.value.is_index() => {
+                self.core.counters.incr(Event::hits_memory);
+                Path::Answered(self.respond(&stored, Outcome::HitMemory, &ask))
+            }
+            _ => Path::Keyed(keyed, ask),
+        }
     }
 }
 
@@ -576,80 +633,66 @@ where
     }
 }
 
-async fn handle<S, ReqB, B>(
+/// The path of a request not keyed: straight through, and an unsafe method's non-error
+/// answer invalidates what is stored for its target (RFC 9111 4.4), fleet-wide.
+async fn bypass<S, ReqB, B>(
     shared: Arc<Shared>,
     svc: S,
     req: Request<ReqB>,
+    outcome: Outcome,
 ) -> Result<Response<StampedeBody<B>>, S::Error>
 where
     S: Inner<ReqB, B>,
     ReqB: Send + 'static,
     B: HttpBody + Send + 'static,
 {
-    let (mut parts, body) = req.into_parts();
-    let RequestKey { key, per_user } = match shared.key_for(&mut parts) {
-        Ok(key) => key,
-        Err(outcome) => {
-            shared.core.counters.incr(Event::bypassed);
-            // An unsafe method's non-error answer invalidates what is stored for its
-            // target (RFC 9111 4.4), fleet-wide.
-            let unsafe_target =
-                (outcome == Outcome::Method && !is_safe(&parts.method)).then(|| {
-                    (
-                        parts.uri.clone(),
-                        parts.headers.get(http::header::HOST).cloned(),
-                    )
-                });
-            let res = Box::pin(forward(
-                &shared,
-                svc,
-                Request::from_parts(parts, body),
-                outcome,
-            ))
-            .await;
-            let invalidate = match (unsafe_target, &res) {
-                (Some((uri, host)), Ok(res))
-                    if !res.status().is_client_error() && !res.status().is_server_error() =>
-                {
-                    let named = |name| res.headers().get(name).cloned();
-                    let locations = [
-                        named(http::header::LOCATION),
-                        named(http::header::CONTENT_LOCATION),
-                    ];
-                    Some((uri, host, locations))
-                }
-                _ => None,
-            };
-            if let Some((uri, host, locations)) = invalidate {
-                Box::pin(invalidate_after_unsafe(&shared, &uri, host, locations)).await;
-            }
-            return res;
+    shared.core.counters.incr(Event::bypassed);
+    let unsafe_target = (outcome == Outcome::Method && !is_safe(req.method())).then(|| {
+        (
+            req.uri().clone(),
+            req.headers().get(http::header::HOST).cloned(),
+        )
+    });
+    let res = forward(&shared, svc, req, outcome).await;
+    let invalidate = match (unsafe_target, &res) {
+        (Some((uri, host)), Ok(res))
+            if !res.status().is_client_error() && !res.status().is_server_error() =>
+        {
+            let named = |name| res.headers().get(name).cloned();
+            let locations = [
+                named(http::header::LOCATION),
+                named(http::header::CONTENT_LOCATION),
+            ];
+            Some((uri, host, locations))
         }
+        _ => None,
     };
-    if tracing::level_enabled!(tracing::Level::DEBUG) {
-        tracing::Span::current().record("key", tracing::field::display(key.short()));
+    if let Some((uri, host, locations)) = invalidate {
+        Box::pin(invalidate_after_unsafe(&shared, &uri, host, locations)).await;
     }
-    let head = parts.method == Method::HEAD;
+    res
+}
+
+/// The path of a keyed request that memory did not answer: the flight, then the vary
+/// index's variant when the primary key holds one.
+async fn handle<S, ReqB, B>(
+    shared: Arc<Shared>,
+    svc: S,
+    req: Request<ReqB>,
+    keyed: RequestKey,
+    ask: Ask,
+) -> Result<Response<StampedeBody<B>>, S::Error>
+where
+    S: Inner<ReqB, B>,
+    ReqB: Send + 'static,
+    B: HttpBody + Send + 'static,
+{
+    let RequestKey { key, per_user } = keyed;
+    let arrival = ask.arrival;
     let standards = shared.rules.standards();
-    // What goes upstream does so for everyone: without this client's validators.
-    let cond = strip_conditionals(&mut parts.headers, standards);
-    let arrival = now_ms();
-    let ask = Ask {
-        head,
-        cond,
-        arrival,
-        now: arrival,
-    };
-    // The hit path: a fresh answer in memory is sent with no fill built for it.
-    if let Some(stored) = shared.core.fresh_in_memory(&key, arrival).await {
-        if !stored.value.is_index() {
-            shared.core.counters.incr(Event::hits_memory);
-            return Ok(shared.respond(&stored, Outcome::HitMemory, &ask));
-        }
-    }
     // The request's headers pick its variant once the primary key names the varied ones.
     let varies = standards && shared.rules.max_variants > 0;
-    let job = Arc::new(Job::new(svc, Request::from_parts(parts, body), varies));
+    let job = Arc::new(Job::new(svc, req, varies));
     let primary = key.hash.0;
     let fill = HttpFill {
         shared: shared.clone(),
