@@ -229,6 +229,93 @@ async fn cache_status_twenty_concurrent_misses_one_stored_nineteen_collapsed_loc
     assert_one_stored_nineteen_collapsed(&results, calls);
 }
 
+/// An inner service that counts its clones and its calls.
+#[derive(Default)]
+struct Counted {
+    clones: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Clone for Counted {
+    fn clone(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::SeqCst);
+        Counted {
+            clones: self.clones.clone(),
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl Service<Request<Full<Bytes>>> for Counted {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("{} #{n}", req.uri().path());
+        std::future::ready(Ok(Response::builder()
+            .header("cache-control", "max-age=60")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_in_memory_is_answered_in_call_without_touching_the_inner_service() {
+    use futures_util::FutureExt;
+    let inner = Counted::default();
+    let (clones, calls) = (inner.clones.clone(), inner.calls.clone());
+    let mut svc = StampedeLayer::builder().build().layer(inner);
+    let miss = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(Method::GET, "/in-call", &[]));
+    let miss = miss.await.unwrap();
+    assert_eq!(cache_status(&miss), cs(STORED));
+    let (clones_after_miss, calls_after_miss) =
+        (clones.load(Ordering::SeqCst), calls.load(Ordering::SeqCst));
+    assert_eq!(calls_after_miss, 1);
+    for _ in 0..3 {
+        let hit = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(request(Method::GET, "/in-call", &[]));
+        // Ready when `call` returns: nothing left to run, nothing to wait for.
+        let hit = hit
+            .now_or_never()
+            .expect("a hit's future is ready")
+            .unwrap();
+        assert_eq!(cache_status(&hit), cs(HIT_MEMORY));
+        assert_eq!(&bytes_of(hit).await[..], b"/in-call #1");
+    }
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        clones_after_miss,
+        "a hit cloned the inner service"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The service stays ready for the next miss.
+    let other = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(request(Method::GET, "/other", &[]));
+    assert_eq!(
+        bytes_of(other.await.unwrap()).await,
+        Bytes::from("/other #2")
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Methods
 // ---------------------------------------------------------------------------------------

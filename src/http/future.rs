@@ -28,7 +28,8 @@ tokio::task_local! {
 /// It polls the request path inside the request's `tracing` span and records the
 /// request's duration, up to its response head, by outcome (a request whose future is
 /// dropped records nothing). Both are done here rather than by wrapping the request's
-/// future, so that future is built once, in its box, and never moved again.
+/// future, so that future is built once, in its box, and never moved again. A request
+/// answered from memory has no such future: this one is ready with its response.
 pub struct ResponseFuture<B, E> {
     inner: State<B, E>,
     span: tracing::Span,
