@@ -45,7 +45,8 @@
 //! on one `tokio::sync::Barrier`; once released it sends a single `GET` of
 //! `<prefix><i % keys>-<run id>` (the run id is fresh each run, so every key is cold) to
 //! target `i % targets`, and its latency runs from its release to the last byte of the
-//! body. With `--phases` it also prints, for each `Cache-Status` value, when the clients
+//! body. The connections stay open until the last client has its answer, so that no
+//! connection's teardown lands in the middle of other clients' answers. With `--phases` it also prints, for each `Cache-Status` value, when the clients
 //! started, got the response head and the last body byte (from the release), and with
 //! `--cpu-of PID,...` the CPU time those processes, itself and the whole machine used
 //! from the release to the last answer (`--cpu-mark` splits it at a point in between).
@@ -465,6 +466,8 @@ struct Outcome {
     key: usize,
     target: usize,
     result: Result<Answer, String>,
+    /// The connection, kept open until every client has its answer.
+    conn: Option<Sender>,
 }
 
 struct Answer {
@@ -647,14 +650,18 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
             if let Some(go) = go {
                 go.wait().await;
             }
-            let result = match ready {
-                Ok(mut sender) => request(&mut sender, &target, &path, timeout).await,
-                Err(e) => Err(format!("setup: {e}")),
+            let (result, conn) = match ready {
+                Ok(mut sender) => (
+                    request(&mut sender, &target, &path, timeout).await,
+                    Some(sender),
+                ),
+                Err(e) => (Err(format!("setup: {e}")), None),
             };
             Outcome {
                 key,
                 target: i % n_targets,
                 result,
+                conn,
             }
         }));
     }
@@ -687,8 +694,12 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
     let mut bodies: HashMap<usize, HashSet<Bytes>> = HashMap::new();
     // (label, sent, head, done) of every answer, for --phases.
     let mut phases: Vec<(String, Instant, Instant, Instant)> = Vec::new();
+    // Closed only once the last answer is in: a connection's teardown (the client's and
+    // the server's) is then in nobody's latency and nobody's CPU time.
+    let mut open = Vec::with_capacity(args.clients);
     for task in tasks {
-        let outcome = task.await?;
+        let mut outcome = task.await?;
+        open.extend(outcome.conn.take());
         match outcome.result {
             Ok(answer) if answer.status == StatusCode::OK => {
                 latencies.push(answer.latency);
@@ -716,6 +727,7 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
         }
     }
     let cpu_after = cpu_times(&args.cpu_of);
+    drop(open);
     latencies.sort();
     let ok = latencies.len();
     let failed = args.clients - ok;
