@@ -161,6 +161,28 @@ async fn cache_status_stored_then_memory_hit_then_redis_hit_on_another_node() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_caches_cache_status_comes_first_on_the_miss_and_on_every_hit() {
+    let upstream = answering(&[
+        ("cache-control", "max-age=60"),
+        ("cache-status", "OriginCache; hit"),
+    ]);
+    let svc = StampedeLayer::builder().build().layer(upstream.service());
+    let joined = |params: &str| format!("OriginCache; hit, {}", cs(params));
+    assert_eq!(
+        fetch(&svc, "/joined").await,
+        (joined(STORED), "/joined #1".to_owned())
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            fetch(&svc, "/joined").await,
+            (joined(HIT_MEMORY), "/joined #1".to_owned()),
+            "ours once, after theirs, however often the stored answer is sent"
+        );
+    }
+    assert_eq!(upstream.calls(), 1);
+}
+
 /// Fires 20 concurrent GETs for one cold key at one node whose upstream is held until all
 /// 20 have missed; returns their (cache-status, body) and the upstream call count.
 async fn twenty_concurrent_misses(layer: StampedeLayer) -> (Vec<(String, String)>, usize) {

@@ -655,7 +655,13 @@ async fn targeted_fields_outrank_cache_control_and_stay_here() {
         "no-store",
         "for the caches downstream"
     );
-    assert_eq!(get(&a, "/cdn").await.text(), "#1");
+    let hit = get(&a, "/cdn").await;
+    assert_eq!(hit.text(), "#1");
+    assert!(
+        hit.headers.get("cdn-cache-control").is_none(),
+        "nor on a hit: {hit:?}"
+    );
+    assert_eq!(hit.header("cache-control"), "no-store");
     // The own field first: no-store for this cache, whatever the others say.
     let own = get(&a, "/own").await;
     assert!(own.headers.get("edge-cache-control").is_none());

@@ -919,16 +919,18 @@ impl Shared {
             }
         }
         let ours = self.status_values.get(outcome);
-        let value = match res.headers().get(&CACHE_STATUS) {
-            Some(theirs) => {
-                let mut joined = theirs.as_bytes().to_vec();
+        // One lookup: an upstream cache's entry is joined, else ours goes in.
+        match res.headers_mut().entry(&CACHE_STATUS) {
+            http::header::Entry::Occupied(mut theirs) => {
+                let mut joined = theirs.get().as_bytes().to_vec();
                 joined.extend_from_slice(b", ");
                 joined.extend_from_slice(ours.as_bytes());
-                HeaderValue::from_bytes(&joined).unwrap_or(ours)
+                theirs.insert(HeaderValue::from_bytes(&joined).unwrap_or(ours));
             }
-            None => ours,
-        };
-        res.headers_mut().insert(CACHE_STATUS.clone(), value);
+            http::header::Entry::Vacant(slot) => {
+                slot.insert(ours);
+            }
+        }
         res
     }
 
@@ -958,21 +960,20 @@ impl Shared {
             self.core.counters.incr(Event::stale_served);
         }
         let mut res = Response::new(StampedeBody::empty());
-        // Room for `Age` and `Cache-Status` up front: a clone of the stored map would be
-        // grown (and rehashed) by them on every hit.
-        // In standards mode the fields targeted at this cache (RFC 9213) go no further.
-        let targeted: &[HeaderName] = if self.rules.standards() {
-            &self.rules.targeted
-        } else {
-            &[]
-        };
+        // A clone of the stored map (its table copied, nothing rehashed), with room for
+        // `Age` and `Cache-Status`. In standards mode the fields targeted at this cache
+        // (RFC 9213) go no further.
         let headers = res.headers_mut();
-        headers.reserve(entry.headers.len() + 2);
-        for (name, value) in &entry.headers {
-            if !targeted.contains(name) {
-                headers.append(name.clone(), value.clone());
+        *headers = entry.headers.clone();
+        if self.rules.standards() {
+            let targeted = &self.rules.targeted;
+            if entry.headers.keys().any(|name| targeted.contains(name)) {
+                for name in targeted {
+                    headers.remove(name);
+                }
             }
         }
+        headers.reserve(2);
         *res.status_mut() = entry.status;
         let resident = meta.age_secs(ask.now);
         let age = (u64::from(entry.ext.initial_age) + resident).min(rfc::MAX_DELTA);
