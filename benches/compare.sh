@@ -27,8 +27,10 @@ NOSTORE_KEYS=100000
 # The memory section's bounds (bytes) and runs per bound; both may be set from outside.
 MEM_BOUNDS=${MEM_BOUNDS:-268435456 67108864}
 MEM_RUNS=${MEM_RUNS:-3}
-# Measured rounds of each fleet scenario (after one warm-up run per front).
+# Measured rounds of each fleet scenario (after one warm-up run per front), and extra
+# flags for its load generator (say, --close-each).
 FLEET_ROUNDS=${FLEET_ROUNDS:-3}
+read -r -a STAMPEDE_FLAGS <<<"${STAMPEDE_FLAGS:-}"
 # The L2 section's distinct keys (2 KiB each in Redis) and rounds.
 L2_KEYS=${L2_KEYS:-60000}
 L2_ROUNDS=${L2_ROUNDS:-3}
@@ -383,7 +385,7 @@ stampede_run() {
   before=$(upstream_count)
   cpu0=$(cpu_ms "${pids[@]}")
   RUN_LINE=$(timeout 180 "$LOADGEN" stampede --targets "$targets" --clients "$clients" --keys "$keys" \
-    2>"$TMP/stampede-$front-$clients-$tag.err" || true)
+    "${STAMPEDE_FLAGS[@]}" 2>"$TMP/stampede-$front-$clients-$tag.err" || true)
   # Late upstream calls (a waiter timing out, a refresh) still count.
   sleep 0.3
   RUN_CALLS=$(($(upstream_count) - before))
@@ -426,7 +428,7 @@ scenario() {
   say ""
   say "p99 ours / nginx, round by round:${ratios:- –}"
   say ""
-  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); every front had one uncounted warm-up run first; upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run, connection set-up included. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
+  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); every front had one uncounted warm-up run first; upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; connections closed $([ "${#STAMPEDE_FLAGS[@]}" -gt 0 ] && echo "as loadgen's \`${STAMPEDE_FLAGS[*]}\` says" || echo "once the last client has its answer"); front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run, connection set-up and teardown included. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
   say "$details"
 }
 

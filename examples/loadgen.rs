@@ -46,7 +46,8 @@
 //! `<prefix><i % keys>-<run id>` (the run id is fresh each run, so every key is cold) to
 //! target `i % targets`, and its latency runs from its release to the last byte of the
 //! body. The connections stay open until the last client has its answer, so that no
-//! connection's teardown lands in the middle of other clients' answers. With `--phases` it also prints, for each `Cache-Status` value, when the clients
+//! connection's teardown lands in the middle of other clients' answers (`--close-each`
+//! closes each one as soon as its answer is in). With `--phases` it also prints, for each `Cache-Status` value, when the clients
 //! started, got the response head and the last body byte (from the release), and with
 //! `--cpu-of PID,...` the CPU time those processes, itself and the whole machine used
 //! from the release to the last answer (`--cpu-mark` splits it at a point in between).
@@ -181,6 +182,12 @@ struct StampedeArgs {
     /// before the release (time to start a profiler on the fronts for the burst alone).
     #[arg(long, value_parser = humantime::parse_duration)]
     release_after: Option<Duration>,
+
+    /// Each client closes its connection as soon as its answer is in, instead of after the
+    /// last client's: clients that leave at once, whose teardowns (theirs and the
+    /// servers') then run among the other clients' answers.
+    #[arg(long)]
+    close_each: bool,
 }
 
 #[derive(Args, Debug)]
@@ -631,6 +638,7 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
             (connecting.clone(), barrier.clone(), setup_failed.clone());
         let go = go.clone();
         let timeout = args.timeout;
+        let close_each = args.close_each;
         tasks.push(tokio::spawn(async move {
             // Set up: open the connection and use it once, a few clients at a time.
             let ready = async {
@@ -653,7 +661,7 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
             let (result, conn) = match ready {
                 Ok(mut sender) => (
                     request(&mut sender, &target, &path, timeout).await,
-                    Some(sender),
+                    Some(sender).filter(|_| !close_each),
                 ),
                 Err(e) => (Err(format!("setup: {e}")), None),
             };
