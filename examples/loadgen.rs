@@ -47,10 +47,11 @@
 //! target `i % targets`, and its latency runs from its release to the last byte of the
 //! body. The connections stay open until the last client has its answer, so that no
 //! connection's teardown lands in the middle of other clients' answers (`--close-each`
-//! closes each one as soon as its answer is in). With `--phases` it also prints, for each `Cache-Status` value, when the clients
-//! started, got the response head and the last body byte (from the release), and with
-//! `--cpu-of PID,...` the CPU time those processes, itself and the whole machine used
-//! from the release to the last answer (`--cpu-mark` splits it at a point in between).
+//! closes each one as soon as its answer is in). With `--phases` it also prints, for each
+//! `Cache-Status` value, when the clients started, got the response head and the last
+//! body byte (from the release), and with `--cpu-of PID,...` the CPU time those
+//! processes, itself and the whole machine used from the release to the last answer
+//! (`--cpu-mark` splits it at a point in between).
 
 /// The proxy example's allocator, so that `bare` is measured against the proxy on equal
 /// terms.
