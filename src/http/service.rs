@@ -913,10 +913,8 @@ impl Shared {
             tracing::Span::current().record("outcome", outcome.name());
         }
         let _ = OUTCOME.try_with(|cell| cell.set(Some(outcome)));
-        if untargeted && self.rules.standards() {
-            for name in &self.rules.targeted {
-                res.headers_mut().remove(name);
-            }
+        if untargeted {
+            self.untarget(res.headers_mut());
         }
         let ours = self.status_values.get(outcome);
         // One lookup: an upstream cache's entry is joined, else ours goes in.
@@ -932,6 +930,16 @@ impl Shared {
             }
         }
         res
+    }
+
+    /// In standards mode, removes the fields targeted at this cache (RFC 9213): they go
+    /// no further.
+    fn untarget(&self, headers: &mut http::HeaderMap) {
+        if self.rules.standards() {
+            for name in &self.rules.targeted {
+                headers.remove(name);
+            }
+        }
     }
 
     pub(crate) fn respond<B>(
@@ -961,17 +969,15 @@ impl Shared {
         }
         let mut res = Response::new(StampedeBody::empty());
         // A clone of the stored map (its table copied, nothing rehashed), with room for
-        // `Age` and `Cache-Status`. In standards mode the fields targeted at this cache
-        // (RFC 9213) go no further.
+        // `Age` and `Cache-Status`, without the targeted fields if it holds one.
         let headers = res.headers_mut();
         *headers = entry.headers.clone();
-        if self.rules.standards() {
-            let targeted = &self.rules.targeted;
-            if entry.headers.keys().any(|name| targeted.contains(name)) {
-                for name in targeted {
-                    headers.remove(name);
-                }
-            }
+        if entry
+            .headers
+            .keys()
+            .any(|name| self.rules.targeted.contains(name))
+        {
+            self.untarget(headers);
         }
         headers.reserve(2);
         *res.status_mut() = entry.status;
