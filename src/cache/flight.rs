@@ -210,6 +210,14 @@ pub(crate) enum Flown<T, F: Fill<T>> {
 
 /// A fill's error, shared with the followers of its flight in this process (the generic
 /// cache hands it to them as its `Arc<E>`).
+/// What this process's memory held for a key, as [`Core::peek`] found it.
+pub(crate) enum Peek<T> {
+    /// Not read: the read is made when the request is handled.
+    Unread,
+    /// Read: the entry, fresh or not, or none.
+    Read(Option<Arc<Stored<T>>>),
+}
+
 pub(crate) type SharedError = Arc<dyn std::any::Any + Send + Sync>;
 
 /// How a flight ended, as its followers in this process see it.
@@ -579,35 +587,44 @@ where
     /// The whole read: L1 first (fresh: answered; in grace: answered stale while one
     /// refresh runs; an early refresh maybe), then a hit-for-pass marker, then the flight.
     pub(crate) async fn get<F: Fill<T>>(self: &Arc<Self>, key: Key, fill: F) -> Flown<T, F> {
-        self.get_at(key, fill, now_ms()).await
+        self.get_at(key, fill, now_ms(), Peek::Unread).await
     }
 
-    /// A fresh copy of `key` in this process's memory as of `now`, when a hit on it has
-    /// nothing else to do (no early refresh is configured): the HTTP hit path answers it
-    /// without building a fill. Not counted: the caller counts the hit it serves.
-    pub(crate) fn fresh_in_memory_now(&self, key: &Key, now: u64) -> Option<Arc<Stored<T>>> {
-        if self.cfg.early_refresh.is_some() {
-            return None;
-        }
+    /// What this process's memory holds for `key` now, read without waiting: the HTTP
+    /// hit path answers a fresh copy from it, and a request it does not answer hands it
+    /// to [`get_at`](Self::get_at), so that memory is read once per request. Not counted:
+    /// whoever acts on it counts.
+    pub(crate) fn peek(&self, key: &Key) -> Peek<T> {
         // moka's read completes at once unless it runs its housekeeping and that has to
-        // wait: then the lookup gives up here, and the caller's async path reads again.
-        self.l1
-            .get(&key.hash.0)
-            .now_or_never()
-            .flatten()
-            .filter(|entry| entry.meta.is_fresh_at(now))
+        // wait: then the read is left to `get_at`'s async path.
+        match self.l1.get(&key.hash.0).now_or_never() {
+            Some(entry) => Peek::Read(entry),
+            None => Peek::Unread,
+        }
     }
 
-    /// [`get`](Self::get) as of `now` (Unix milliseconds): the caller's clock reading,
-    /// so that a hit reads the clock once.
+    /// Whether a hit on a fresh copy has nothing to do beyond being answered: no early
+    /// refresh is configured.
+    pub(crate) fn hits_are_plain(&self) -> bool {
+        self.cfg.early_refresh.is_none()
+    }
+
+    /// [`get`](Self::get) as of `now` (Unix milliseconds), the caller's clock reading so
+    /// that a hit reads the clock once, and with what the caller's [`peek`](Self::peek)
+    /// found in memory, if it looked.
     pub(crate) async fn get_at<F: Fill<T>>(
         self: &Arc<Self>,
         key: Key,
         fill: F,
         now: u64,
+        peek: Peek<T>,
     ) -> Flown<T, F> {
+        let seen = match peek {
+            Peek::Read(seen) => seen,
+            Peek::Unread => self.l1.get(&key.hash.0).await,
+        };
         let mut fallback = None;
-        if let Some(entry) = self.l1.get(&key.hash.0).await {
+        if let Some(entry) = seen {
             if entry.meta.is_fresh_at(now) {
                 self.counters.incr(Event::hits_memory);
                 if let Some(beta) = self.cfg.early_refresh {

@@ -30,7 +30,7 @@ use super::status::Outcome;
 use super::stored;
 use super::BoxError;
 use crate::cache::entry::{now_ms, Windows};
-use crate::cache::flight::{Fill, Filled, Flown, Key, Stored};
+use crate::cache::flight::{Fill, Filled, Flown, Key, Peek, Stored};
 use crate::stats::{Event, Stats};
 use crate::tier::wake::is_shared_error;
 
@@ -127,7 +127,7 @@ where
         let shared = self.shared.clone();
         let keyed = match path {
             Path::Answered(res) => return ResponseFuture::answered(res, span, shared, started),
-            Path::Keyed(keyed, ask) => Ok((keyed, ask)),
+            Path::Keyed(keyed, ask, peek) => Ok((keyed, ask, peek)),
             Path::Bypass(outcome) => Err(outcome),
         };
         // The ready service goes with the request; this handle keeps a fresh clone.
@@ -136,8 +136,8 @@ where
         let req = Request::from_parts(parts, body);
         // One allocation, and the request's future is moved once, into it.
         let inner = match keyed {
-            Ok((keyed, ask)) => {
-                Box::pin(handle(shared.clone(), svc, req, keyed, ask)) as Boxed<_, _>
+            Ok((keyed, ask, peek)) => {
+                Box::pin(handle(shared.clone(), svc, req, keyed, ask, peek)) as Boxed<_, _>
             }
             Err(outcome) => Box::pin(bypass(shared.clone(), svc, req, outcome)),
         };
@@ -149,8 +149,9 @@ where
 enum Path<B> {
     /// Answered from memory.
     Answered(Response<StampedeBody<B>>),
-    /// Keyed, with no fresh answer in memory (or one only the async path may give).
-    Keyed(RequestKey, Ask),
+    /// Keyed, with no fresh answer in memory (or one only the async path may give), and
+    /// what memory held.
+    Keyed(RequestKey, Ask, Peek<stored::Response>),
     /// Not keyed: straight through.
     Bypass(Outcome),
 }
@@ -176,12 +177,17 @@ impl Shared {
             arrival,
             now: arrival,
         };
-        match self.core.fresh_in_memory_now(&keyed.key, arrival) {
-            Some(stored) if !stored.value.is_index() => {
+        let peek = self.core.peek(&keyed.key);
+        match &peek {
+            Peek::Read(Some(stored))
+                if self.core.hits_are_plain()
+                    && stored.meta.is_fresh_at(arrival)
+                    && !stored.value.is_index() =>
+            {
                 self.core.counters.incr(Event::hits_memory);
-                Path::Answered(self.respond(&stored, Outcome::HitMemory, &ask))
+                Path::Answered(self.respond(stored, Outcome::HitMemory, &ask))
             }
-            _ => Path::Keyed(keyed, ask),
+            _ => Path::Keyed(keyed, ask, peek),
         }
     }
 }
@@ -681,6 +687,7 @@ async fn handle<S, ReqB, B>(
     req: Request<ReqB>,
     keyed: RequestKey,
     ask: Ask,
+    peek: Peek<stored::Response>,
 ) -> Result<Response<StampedeBody<B>>, S::Error>
 where
     S: Inner<ReqB, B>,
@@ -700,7 +707,7 @@ where
         per_user,
         variant: None,
     };
-    let flown = shared.core.get_at(key, fill, arrival).await;
+    let flown = shared.core.get_at(key, fill, arrival, peek).await;
     let index = match flown {
         Flown::Value(stored, _) if stored.value.is_index() => Some(stored),
         // The hit path: answered here, with nothing boxed, as of its arrival (an answer
