@@ -3,7 +3,8 @@
 # against the bare hyper server that sends the same answer from memory (`loadgen bare
 # --copy-of`), both counted only while `wrk -t1 -c8` asks for one warm 2 KiB key for
 # $SECONDS_EACH seconds; per request = the instructions counted / the requests wrk saw
-# answered. Then the proxy's heaviest functions, inclusive, per request.
+# answered, and the heap allocations per request likewise. Then the proxy's heaviest
+# functions, inclusive, per request.
 #
 #   bash benches/instructions.sh
 #
@@ -106,10 +107,27 @@ BARE_PORT=$(free_port)
 read -r _ bare_n bare_total bare_per < <(count bare "http://127.0.0.1:$BARE_PORT/2k/hot" \
   "$BIN/loadgen" --workers 1 bare --listen "127.0.0.1:$BARE_PORT" --copy-of "http://127.0.0.1:$SRC/2k/hot")
 
-echo "| server | requests counted | instructions | per request |"
-echo "|---|---:|---:|---:|"
-echo "| ours: proxy --workers 1 | $ours_n | $ours_total | **$ours_per** |"
-echo "| bare: loadgen --workers 1 bare | $bare_n | $bare_total | **$bare_per** |"
+# allocs FILE N: heap allocations per request, the calls into the allocator's malloc and
+# realloc (both binaries use mimalloc), from callgrind's call counts.
+allocs() {
+  awk -v n="$2" '
+    /^c?fn=/ {
+      id = $1; sub(/^c?fn=/, "", id)
+      if (NF > 1) { name = $0; sub(/^[^ ]* /, "", name); names[id] = name }
+      if ($0 ~ /^cfn=/) callee = names[id]
+    }
+    /^calls=/ {
+      split($0, c, /[= ]/)
+      if (callee == "mi_malloc_aligned") m += c[2]
+      if (callee == "mi_realloc_aligned") r += c[2]
+    }
+    END { printf "%.2f + %.2f", m / n, r / n }' "$1"
+}
+
+echo "| server | requests counted | instructions | per request | allocations + reallocations per request |"
+echo "|---|---:|---:|---:|---:|"
+echo "| ours: proxy --workers 1 | $ours_n | $ours_total | **$ours_per** | $(allocs "$TMP/ours.out.1" "$ours_n") |"
+echo "| bare: loadgen --workers 1 bare | $bare_n | $bare_total | **$bare_per** | $(allocs "$TMP/bare.out.1" "$bare_n") |"
 echo
 echo "The proxy's heaviest functions of its own and its dependencies', inclusive, per request:"
 echo

@@ -90,6 +90,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::future::Either;
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -520,7 +521,16 @@ async fn run(args: Args) -> Result<(), BoxError> {
                     {
                         req.extensions_mut().insert(UnframedBody);
                     }
-                    Either::Right(stack.clone().oneshot(req))
+                    // The stack takes the request here, in hyper's call, when it is ready at
+                    // once (the forwarding service always is), not at its future's first poll:
+                    // a hit is answered, and the request's head released, before hyper reads
+                    // on. The head borrows hyper's read buffer; deferred, it makes hyper find
+                    // the buffer shared and allocate a new one for every request.
+                    let mut stack = stack.clone();
+                    if let Some(Ok(_)) = stack.ready().now_or_never() {
+                        return Either::Right(Either::Left(stack.call(req)));
+                    }
+                    Either::Right(Either::Right(stack.oneshot(req)))
                 });
                 let conn = server.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
