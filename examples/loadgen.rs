@@ -58,6 +58,9 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "common/thp.rs"]
+mod thp;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::Write;
@@ -223,11 +226,7 @@ fn main() -> Result<(), BoxError> {
     let cli = Cli::parse();
     // As the proxy does (its --huge-pages): the bare server and the load are measured
     // without transparent huge pages.
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
+    thp::no_huge_pages();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(workers) = cli.workers {

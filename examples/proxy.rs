@@ -77,6 +77,9 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "common/thp.rs"]
+mod thp;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::IsTerminal;
@@ -310,17 +313,6 @@ struct Args {
     soft_timeout: Option<Duration>,
 }
 
-/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`), as Redis
-/// advises for its own latency.
-fn no_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and touches no
-    // memory of ours; a failure (an old kernel) leaves the setting as it was.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
-    }
-}
-
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
@@ -333,7 +325,7 @@ enum LogFormat {
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     if !args.huge_pages {
-        no_huge_pages();
+        thp::no_huge_pages();
     }
     let logs = tracing_subscriber::fmt().with_env_filter(
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
