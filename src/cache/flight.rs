@@ -208,8 +208,6 @@ pub(crate) enum Flown<T, F: Fill<T>> {
     Refused(Outcome),
 }
 
-/// A fill's error, shared with the followers of its flight in this process (the generic
-/// cache hands it to them as its `Arc<E>`).
 /// What this process's memory held for a key, as [`Core::peek`] found it.
 pub(crate) enum Peek<T> {
     /// Not read: the read is made when the request is handled.
@@ -218,6 +216,8 @@ pub(crate) enum Peek<T> {
     Read(Option<Arc<Stored<T>>>),
 }
 
+/// A fill's error, shared with the followers of its flight in this process (the generic
+/// cache hands it to them as its `Arc<E>`).
 pub(crate) type SharedError = Arc<dyn std::any::Any + Send + Sync>;
 
 /// How a flight ended, as its followers in this process see it.
