@@ -178,7 +178,8 @@ struct StampedeArgs {
     cpu_of: Vec<u32>,
 
     /// With `--cpu-of`: also split the CPU times at this long after the release (say,
-    /// between the requests' arrival and the upstream's answers).
+    /// between the requests' arrival and the upstream's answers). The reading is taken on
+    /// a thread of its own, and `cpu_mark_at_ms` says when it was.
     #[arg(long, value_parser = humantime::parse_duration)]
     cpu_mark: Option<Duration>,
 
@@ -687,10 +688,13 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
         .cpu_mark
         .filter(|_| !args.cpu_of.is_empty())
         .map(|after| {
+            // A thread of its own, not a task: the runtime is as busy as the fronts during
+            // the burst, and a task's timer would fire only when the queue reaches it.
             let pids = args.cpu_of.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(after).await;
-                cpu_times(&pids)
+            let released = Instant::now();
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                (released.elapsed(), cpu_times(&pids))
             })
         });
 
@@ -773,7 +777,8 @@ async fn stampede(args: StampedeArgs) -> Result<(), BoxError> {
         };
         eprintln!("cpu_ms {}", used(&cpu_before, &cpu_after));
         if let Some(mark) = cpu_mark {
-            let mark = mark.await?;
+            let (at, mark) = mark.join().map_err(|_| "the --cpu-mark thread panicked")?;
+            eprintln!("cpu_mark_at_ms={:.1}", ms(at));
             eprintln!("cpu_ms_to_mark {}", used(&cpu_before, &mark));
             eprintln!("cpu_ms_after_mark {}", used(&mark, &cpu_after));
         }
