@@ -217,8 +217,9 @@ struct Args {
     honor_client_no_cache: bool,
 
     /// The name of this cache's own targeted cache-control field (RFC 9213), read before
-    /// `CDN-Cache-Control` and `Cache-Control`, never forwarded downstream.
-    #[arg(long, default_value = "tower-stampede-cache-control")]
+    /// `CDN-Cache-Control` and `Cache-Control`, never forwarded downstream:
+    /// `<target>-cache-control`.
+    #[arg(long, default_value = "tower-stampede-cache-control", value_parser = targeted_name)]
     targeted_cache_control: HeaderName,
 
     /// Do not normalize and key `Accept-Encoding`; answers varying on it are then stored
@@ -311,6 +312,19 @@ struct Args {
     /// the background, storing when it lands. Off by default.
     #[arg(long, value_parser = humantime::parse_duration)]
     soft_timeout: Option<Duration>,
+}
+
+/// `--targeted-cache-control`: a header name of the form the layer takes,
+/// `<target>-cache-control` (any other field would be read as this cache's directives and
+/// removed from every answer).
+fn targeted_name(s: &str) -> Result<HeaderName, String> {
+    let name = HeaderName::from_bytes(s.as_bytes()).map_err(|e| e.to_string())?;
+    match name.as_str().strip_suffix("-cache-control") {
+        Some(target) if !target.is_empty() => Ok(name),
+        _ => Err(format!(
+            "`{s}` is not a targeted field name: <target>-cache-control"
+        )),
+    }
 }
 
 /// How log lines are written.
@@ -1428,6 +1442,17 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_targeted_field_flag_takes_only_targeted_names() {
+        for refused in ["cache-control", "age", "-cache-control", "not a name"] {
+            assert!(targeted_name(refused).is_err(), "{refused}");
+        }
+        assert_eq!(
+            targeted_name("Edge-Cache-Control").unwrap(),
+            HeaderName::from_static("edge-cache-control")
+        );
     }
 
     #[test]

@@ -784,3 +784,28 @@ async fn one_byte_range_is_answered_from_the_entry_and_head_from_the_get() {
     assert!(head.cache_status().contains("hit"), "{head:?}");
     assert_eq!(origin.count("/file"), 2);
 }
+
+/// A targeted field's name is `<target>-cache-control`: any other name (a field the cache
+/// reads or writes for itself) would be taken for this cache's directives and removed from
+/// every answer, so the builder refuses it.
+#[test]
+fn only_a_targeted_field_name_is_taken_for_this_caches_own() {
+    for name in [
+        "cache-control",
+        "age",
+        "vary",
+        "-cache-control",
+        "cache-status",
+    ] {
+        let refused = std::panic::catch_unwind(|| {
+            StampedeLayer::builder().targeted_cache_control(http::HeaderName::from_static(name))
+        });
+        assert!(refused.is_err(), "`{name}` was taken as a targeted field");
+    }
+    for name in ["edge-cache-control", "tower-stampede-cache-control"] {
+        let taken = std::panic::catch_unwind(|| {
+            StampedeLayer::builder().targeted_cache_control(http::HeaderName::from_static(name))
+        });
+        assert!(taken.is_ok(), "`{name}` was refused");
+    }
+}

@@ -275,9 +275,30 @@ impl StampedeBuilder {
     }
 
     /// Standards mode: the name of this cache's own targeted cache-control field
-    /// (RFC 9213), read before `CDN-Cache-Control` and `Cache-Control`.
-    /// Default `Tower-Stampede-Cache-Control`.
+    /// (RFC 9213), read before `CDN-Cache-Control` and `Cache-Control`, and removed from
+    /// every answer sent downstream. Default `Tower-Stampede-Cache-Control`.
+    ///
+    /// # Panics
+    ///
+    /// When `name` does not end in `-cache-control` after a target (as
+    /// `CDN-Cache-Control` does): any other field (`Cache-Control`, `Age`, `Vary`, ...)
+    /// would be read as this cache's directives and removed from every answer.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    ///
+    /// let layer = tower_stampede::StampedeLayer::builder()
+    ///     .honor_cache_control(true)
+    ///     .targeted_cache_control(HeaderName::from_static("edge-cache-control"))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn targeted_cache_control(mut self, name: HeaderName) -> Self {
+        assert!(
+            is_targeted_name(&name),
+            "targeted_cache_control: `{name}` is not a targeted field name \
+             (`<target>-cache-control`, RFC 9213)"
+        );
         self.rules.targeted[0] = name;
         self
     }
@@ -541,4 +562,12 @@ impl StampedeBuilder {
             }),
         }
     }
+}
+
+/// Whether `name` can be a targeted cache-control field (RFC 9213): `<target>-cache-control`,
+/// with a target.
+fn is_targeted_name(name: &HeaderName) -> bool {
+    name.as_str()
+        .strip_suffix("-cache-control")
+        .is_some_and(|target| !target.is_empty())
 }
