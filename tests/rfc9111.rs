@@ -790,6 +790,12 @@ async fn one_byte_range_is_answered_from_the_entry_and_head_from_the_get() {
 /// every answer, so the builder refuses it.
 #[test]
 fn only_a_targeted_field_name_is_taken_for_this_caches_own() {
+    let taken = |name: &'static str| {
+        std::panic::catch_unwind(|| {
+            StampedeLayer::builder().targeted_cache_control(http::HeaderName::from_static(name))
+        })
+        .is_ok()
+    };
     for name in [
         "cache-control",
         "age",
@@ -797,15 +803,9 @@ fn only_a_targeted_field_name_is_taken_for_this_caches_own() {
         "-cache-control",
         "cache-status",
     ] {
-        let refused = std::panic::catch_unwind(|| {
-            StampedeLayer::builder().targeted_cache_control(http::HeaderName::from_static(name))
-        });
-        assert!(refused.is_err(), "`{name}` was taken as a targeted field");
+        assert!(!taken(name), "`{name}` was taken as a targeted field");
     }
     for name in ["edge-cache-control", "tower-stampede-cache-control"] {
-        let taken = std::panic::catch_unwind(|| {
-            StampedeLayer::builder().targeted_cache_control(http::HeaderName::from_static(name))
-        });
-        assert!(taken.is_ok(), "`{name}` was refused");
+        assert!(taken(name), "`{name}` was refused");
     }
 }

@@ -979,10 +979,12 @@ impl Shared {
         // `Age` and `Cache-Status`, without the targeted fields if it holds one.
         let headers = res.headers_mut();
         *headers = entry.headers.clone();
-        if entry
-            .headers
-            .keys()
-            .any(|name| self.rules.targeted.contains(name))
+        // Outside standards mode nothing is targeted: a hit does not look.
+        if self.rules.standards()
+            && entry
+                .headers
+                .keys()
+                .any(|name| self.rules.targeted.contains(name))
         {
             self.untarget(headers);
         }
