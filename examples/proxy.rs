@@ -514,9 +514,9 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     if req.method().as_str() == "PURGE" {
                         let purging = purging.clone();
-                        return Either::Left(async move {
+                        return Either::Left(Either::Left(Box::pin(async move {
                             Ok::<_, Infallible>(purging.handle(&req, peer.ip()).await)
-                        });
+                        })));
                     }
                     // An HTTP/2 body may come without `Content-Length`, where the layer
                     // cannot see it: such a GET/HEAD is not keyed either.
@@ -532,11 +532,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
                     // a hit is answered, and the request's head released, before hyper reads
                     // on. The head borrows hyper's read buffer; deferred, it makes hyper find
                     // the buffer shared and allocate a new one for every request.
+                    // The purge and the deferred call are boxed: the future hyper holds and
+                    // moves for every request is then no larger than the stack's own.
                     let mut stack = stack.clone();
                     if let Some(Ok(_)) = stack.ready().now_or_never() {
-                        return Either::Right(Either::Left(stack.call(req)));
+                        return Either::Right(stack.call(req));
                     }
-                    Either::Right(Either::Right(stack.oneshot(req)))
+                    Either::Left(Either::Right(Box::pin(stack.oneshot(req))))
                 });
                 let conn = server.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
