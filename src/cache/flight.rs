@@ -675,13 +675,15 @@ where
                         return Err(FlightEnd::Vanished);
                     };
                     let (reply, answer) = oneshot::channel();
-                    tokio::spawn(fly(
+                    // Boxed before it is spawned: the task then moves a pointer, not
+                    // the flight's state, on its way into the runtime.
+                    tokio::spawn(Box::pin(fly(
                         self.clone(),
                         key.clone(),
                         fill,
                         fallback.clone(),
                         reply,
-                    ));
+                    )));
                     let Ok(answer) = answer.await else {
                         tracing::error!(key = %key.short(), "fill task ended without an answer");
                         led = Some(Led::Failed(502));
@@ -1261,6 +1263,11 @@ async fn hand<T, C, F>(
     }
 }
 
+/// The stale copy kept for a flight, if it may still be served now.
+fn usable<T>(fallback: Option<Arc<Stored<T>>>) -> Option<Arc<Stored<T>>> {
+    fallback.filter(|f| f.meta.is_usable_at(now_ms()))
+}
+
 /// The fill of one key, in a task of its own: its result goes to `reply` as soon as it is
 /// known, and the tier write (store, release, wake-up) follows, off the answer's path.
 async fn fly<T, C, F>(
@@ -1276,8 +1283,6 @@ async fn fly<T, C, F>(
 {
     let reply = &mut Some(reply);
     let token = new_token();
-    let usable =
-        |fallback: Option<Arc<Stored<T>>>| fallback.filter(|f| f.meta.is_usable_at(now_ms()));
     let (held, generation) = match core.contend(&key, &token, &mut fallback).await {
         Contend::Found(stored, outcome) => {
             return hand(&core, &key, reply, Led::Value(stored, outcome)).await
@@ -1305,7 +1310,35 @@ async fn fly<T, C, F>(
         }
         Contend::Lead(held, generation) => (held, generation),
     };
+    // Boxed: the fill's state is large, and a flight that ends at the check (an L2 hit, a
+    // key another node fills) should not carry it, nor move it into its task.
+    Box::pin(fly_led(
+        core,
+        key,
+        token,
+        (held, generation),
+        fill,
+        fallback,
+        reply,
+    ))
+    .await;
+}
 
+/// The rest of [`fly`] once the check took the lock (or found no tier to ask): the fill,
+/// then the answer to `reply` and the tier write.
+async fn fly_led<T, C, F>(
+    core: Arc<Core<T, C>>,
+    key: Arc<Key>,
+    token: String,
+    (held, generation): (Held, Generation),
+    fill: F,
+    fallback: Option<Arc<Stored<T>>>,
+    reply: &mut Option<oneshot::Sender<Led<T, F>>>,
+) where
+    T: Send + Sync + 'static,
+    C: Codec<T>,
+    F: Fill<T>,
+{
     let started = core.tick();
     let lead = core.lead(&key, &token, held, fill, fallback.clone());
     tokio::pin!(lead);
