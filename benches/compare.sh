@@ -27,10 +27,11 @@ NOSTORE_KEYS=100000
 # The memory section's bounds (bytes) and runs per bound; both may be set from outside.
 MEM_BOUNDS=${MEM_BOUNDS:-268435456 67108864}
 MEM_RUNS=${MEM_RUNS:-3}
-# Measured rounds of each fleet scenario (after one warm-up run per front), and extra
-# flags for its load generator (say, --close-each).
+# Measured rounds of each fleet scenario (after one warm-up run per front), extra flags
+# for its load generator (say, --close-each) and for its three proxies (say, --workers 1).
 FLEET_ROUNDS=${FLEET_ROUNDS:-3}
 read -r -a STAMPEDE_FLAGS <<<"${STAMPEDE_FLAGS:-}"
+read -r -a FLEET_OURS_FLAGS <<<"${FLEET_OURS_FLAGS:-}"
 # The L2 section's distinct keys (2 KiB each in Redis) and rounds.
 L2_KEYS=${L2_KEYS:-60000}
 L2_ROUNDS=${L2_ROUNDS:-3}
@@ -351,7 +352,7 @@ if want fleet; then
 log "starting 3 × ours (one shared redis-server), 3 × nginx, 3 × varnish"
 OURS=() NGINX=() VARNISH=() OURS_PIDS=() NGINX_PIDS=() VARNISH_PIDS=()
 for n in 1 2 3; do
-  start_ours "ours$n" --upstream "$UPSTREAM" --redis "$REDIS_URL"
+  start_ours "ours$n" --upstream "$UPSTREAM" --redis "$REDIS_URL" "${FLEET_OURS_FLAGS[@]}"
   OURS+=("http://127.0.0.1:$LAST_PORT")
   OURS_PIDS+=("$LAST_PID")
   start_nginx "nginx$n" ""
@@ -428,7 +429,7 @@ scenario() {
   say ""
   say "p99 ours / nginx, round by round:${ratios:- –}"
   say ""
-  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); every front had one uncounted warm-up run first; upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; connections closed $([ "${#STAMPEDE_FLAGS[@]}" -gt 0 ] && echo "as loadgen's \`${STAMPEDE_FLAGS[*]}\` says" || echo "once the last client has its answer"); front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run, connection set-up and teardown included. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
+  say "$clients clients on $keys cold key(s), released together, spread round-robin over 3 instances of each front (\"nothing\": straight to the upstream); every front had one uncounted warm-up run first; upstream calls = delta of the upstream's count; latencies from each client's release to the last body byte; connections closed $([ "${#STAMPEDE_FLAGS[@]}" -gt 0 ] && echo "as loadgen's \`${STAMPEDE_FLAGS[*]}\` says" || echo "once the last client has its answer")$([ "${#FLEET_OURS_FLAGS[@]}" -gt 0 ] && echo "; ours with \`${FLEET_OURS_FLAGS[*]}\`"); front CPU = user+system time of the 3 instances (ours: plus the redis-server) during the run, connection set-up and teardown included. Details (loadgen line, then the Cache-Status / X-Cache-Status values seen; Varnish sends none):"
   say "$details"
 }
 
