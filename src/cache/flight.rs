@@ -1324,8 +1324,8 @@ async fn fly<T, C, F>(
     .await;
 }
 
-/// The rest of [`fly`] once the check took the lock (or found no tier to ask): the fill,
-/// then the answer to `reply` and the tier write.
+/// The rest of [`fly`] once the check made this flight the leader, holding the lock or not
+/// (`held`): the fill, then the answer to `reply` and the tier write.
 async fn fly_led<T, C, F>(
     core: Arc<Core<T, C>>,
     key: Arc<Key>,
