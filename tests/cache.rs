@@ -256,6 +256,31 @@ async fn insert_get_and_a_value_shared_with_another_node() {
     assert_eq!(v, "ada");
 }
 
+/// The bound on values read from Redis is a `GETRANGE` end there: a bound past what
+/// Redis takes as an index (`usize::MAX`) still reads every value, by either read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_bound_on_values_reads_what_another_stored() {
+    let server = RedisServer::start();
+    let a = node(&server);
+    let b: Cache<String> = Cache::builder()
+        .backend(Backend::redis(server.url()).unwrap())
+        .redis_timeout(Duration::from_secs(1))
+        .ttl(Duration::from_secs(60))
+        .max_value(usize::MAX)
+        .build();
+    a.insert("user:1", "ada".to_owned()).await.unwrap();
+    a.insert("user:2", "grace".to_owned()).await.unwrap();
+    // `get` reads without a lock; `try_get_with` checks and locks in one script.
+    assert_eq!(b.get("user:1").await.as_deref(), Some("ada"));
+    let v = b
+        .try_get_with("user:2", async {
+            Err::<String, _>(std::io::Error::other("not called"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, "grace");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_fails_open_then_coalescing_resumes_after_restart() {
     let mut server = RedisServer::start();

@@ -30,7 +30,8 @@ pub(crate) const MAX_TAG_LEN: usize = 256;
 const FIXED_LEN: usize = 3 + 1 + 1 + 4 + 4 * 8 + 4 + 2 + 4;
 
 /// The largest envelope of ours for a key of `key_len` bytes and a payload of at most
-/// `max_payload`: larger bytes in the tier are not ours and are never read.
+/// `max_payload`: larger bytes in the tier are not ours, and are read no further than one
+/// byte past it.
 pub(crate) fn max_encoded_len(key_len: usize, max_payload: usize) -> usize {
     FIXED_LEN
         .saturating_add(key_len)

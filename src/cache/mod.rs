@@ -572,7 +572,8 @@ where
     }
 
     /// The largest encoded value shared through the tier; larger bytes found there are
-    /// never read. Default 1 MiB.
+    /// treated as absent, and never read further than one byte past the bound. Default
+    /// 1 MiB.
     pub fn max_value(mut self, bytes: usize) -> Self {
         self.cfg.max_payload = bytes;
         self

@@ -44,6 +44,12 @@ fn int(v: Option<&Value>) -> Option<i64> {
     }
 }
 
+/// The largest value length as the scripts' `GETRANGE` end: Redis takes a signed 64-bit
+/// index (no Redis string comes near it, so the clamp changes no answer).
+fn range_end(max_value: usize) -> u64 {
+    (max_value as u64).min(i64::MAX as u64)
+}
+
 fn unexpected(what: &str) -> BackendError {
     BackendError::Redis(redis::RedisError::from((
         redis::ErrorKind::Client,
@@ -174,7 +180,7 @@ impl<S: Source> RedisTier<S> {
                 .arg(token)
                 .arg(millis(opts.lease))
                 .arg(if opts.skip_value { "1" } else { "0" })
-                .arg(opts.max_value)
+                .arg(range_end(opts.max_value))
                 .arg(waited_on)
                 .invoke_async::<Vec<Value>>(&mut c)
                 .await
@@ -188,7 +194,7 @@ impl<S: Source> RedisTier<S> {
                     .arg(scripts::READ_VALUE)
                     .arg(1)
                     .arg(rk)
-                    .arg(opts.max_value)
+                    .arg(range_end(opts.max_value))
                     .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
             };
@@ -523,7 +529,7 @@ impl<S: Source> RedisTier<S> {
                     .arg(scripts::READ_VALUE)
                     .arg(1)
                     .arg(vk)
-                    .arg(max_value)
+                    .arg(range_end(max_value))
                     .query_async(&mut c)
                     .await
             })

@@ -32,15 +32,16 @@ return 0",
 /// none).
 /// Returns {1, value} | {2, generation} lock taken | {3, pttl, holder's token} held by another |
 /// {4, "!F" status} the attempt waited on failed (its marker names that holder).
-/// A value larger than ARGV[4] (or not a string) is never read: it is treated as absent, so
-/// the lock is taken and the fill overwrites it. A lock that is not a string reads as the
-/// empty token.
+/// The value is read with one `GETRANGE` of its first ARGV[4] + 1 bytes: one more than
+/// the largest accepted tells a value that is larger, which is then treated as absent (so
+/// is one that is not a string), so the lock is taken and the fill overwrites it. A lock
+/// that is not a string reads as the empty token.
 pub(crate) static CHECK_AND_LOCK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if ARGV[3] ~= '1' then
-    local n = redis.pcall('STRLEN', KEYS[1])
-    if type(n) == 'number' and n > 0 and n <= tonumber(ARGV[4]) then
-        return {1, redis.call('GET', KEYS[1])}
+    local v = redis.pcall('GETRANGE', KEYS[1], 0, ARGV[4])
+    if type(v) == 'string' and #v > 0 and #v <= tonumber(ARGV[4]) then
+        return {1, v}
     end
 end
 if ARGV[5] ~= '' then
@@ -183,10 +184,10 @@ return held",
 
 /// A read-only read of a value, for `EVAL_RO` while a write stalls. KEYS[1] value;
 /// ARGV[1] the largest length read. Returns the value, or nil when there is none or it is
-/// larger.
-pub(crate) const READ_VALUE: &str = r"local n = redis.call('STRLEN', KEYS[1])
-if n == 0 or n > tonumber(ARGV[1]) then return false end
-return redis.call('GET', KEYS[1])";
+/// larger (read, as by check-and-lock, no further than one byte past the largest).
+pub(crate) const READ_VALUE: &str = r"local v = redis.call('GETRANGE', KEYS[1], 0, ARGV[1])
+if #v == 0 or #v > tonumber(ARGV[1]) then return false end
+return v";
 
 /// Purge-publish: deletes a value, moves the key's purge generation (a fill that started
 /// before it will not store) and tells every node to drop its copy. KEYS[1] value, KEYS[2]
