@@ -58,8 +58,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[path = "common/thp.rs"]
-mod thp;
+#[path = "common/process.rs"]
+mod process;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -89,7 +89,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
     about = "Load tools for benches/compare.sh: a counting upstream, a stampede, a cache filler, a bare server"
 )]
 struct Cli {
-    /// Tokio worker threads (default: one per CPU).
+    /// Tokio worker threads (default: one per CPU). One runs a current-thread runtime, on
+    /// which the commands of concurrent requests leave for Redis in one write.
     #[arg(long, global = true)]
     workers: Option<usize>,
 
@@ -227,13 +228,8 @@ fn main() -> Result<(), BoxError> {
     let cli = Cli::parse();
     // As the proxy does (its --huge-pages): the bare server and the load are measured
     // without transparent huge pages.
-    thp::no_huge_pages();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(workers) = cli.workers {
-        runtime.worker_threads(workers.max(1));
-    }
-    let runtime = runtime.build()?;
+    process::no_huge_pages();
+    let runtime = process::runtime(cli.workers)?;
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Upstream(args) => upstream(args).await,

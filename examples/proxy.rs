@@ -77,8 +77,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[path = "common/thp.rs"]
-mod thp;
+#[path = "common/process.rs"]
+mod process;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -264,7 +264,8 @@ struct Args {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 
-    /// Tokio worker threads (default: one per CPU).
+    /// Tokio worker threads (default: one per CPU). One runs a current-thread runtime, on
+    /// which the commands of concurrent requests leave for Redis in one write.
     #[arg(long)]
     workers: Option<usize>,
 
@@ -339,7 +340,7 @@ enum LogFormat {
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     if !args.huge_pages {
-        thp::no_huge_pages();
+        process::no_huge_pages();
     }
     let logs = tracing_subscriber::fmt().with_env_filter(
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -349,12 +350,7 @@ fn main() -> Result<(), BoxError> {
         LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(workers) = args.workers {
-        runtime.worker_threads(workers.max(1));
-    }
-    let result = runtime.build()?.block_on(run(args));
+    let result = process::runtime(args.workers)?.block_on(run(args));
     if let Err(e) = &result {
         tracing::error!(error = %e, "proxy failed");
     }

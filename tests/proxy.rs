@@ -260,20 +260,23 @@ async fn three_proxies_one_redis_one_upstream_call_per_cold_key() {
     let upstream = Upstream::start(Duration::from_millis(200)).await;
     // Three debug-build proxies, 3000 sockets and this test share a few CPUs here: Redis
     // calls can take longer than the 100 ms default deadline for scheduling reasons alone,
-    // and a proxy that gives up on Redis coalesces only within itself (fails open).
+    // and a proxy that gives up on Redis coalesces only within itself (fails open). The
+    // second runs on one thread (`--workers 1`: a current-thread runtime), the others on
+    // one worker per CPU.
+    let redis_url = redis.url();
     let proxies: Vec<Proxy> = (0..3)
-        .map(|_| {
-            Proxy::start(
-                &upstream.base(),
-                &[
-                    "--redis",
-                    &redis.url(),
-                    "--redis-timeout",
-                    "2s",
-                    "--ttl",
-                    "60s",
-                ],
-            )
+        .map(|i| {
+            let workers: &[&str] = if i == 1 { &["--workers", "1"] } else { &[] };
+            let mut args = vec![
+                "--redis",
+                &redis_url,
+                "--redis-timeout",
+                "2s",
+                "--ttl",
+                "60s",
+            ];
+            args.extend_from_slice(workers);
+            Proxy::start(&upstream.base(), &args)
         })
         .collect();
     let client = client();

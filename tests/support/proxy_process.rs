@@ -52,17 +52,16 @@ fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
 
 impl Proxy {
     /// Starts `proxy --listen 127.0.0.1:0 --upstream <upstream> <extra...>` and waits for
-    /// its `listening on` line.
+    /// its `listening on` line; two workers unless `extra` says `--workers`.
     pub fn start(upstream: &str, extra: &[&str]) -> Proxy {
+        let workers: &[&str] = if extra.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
         let mut child = Command::new(proxy_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                upstream,
-                "--workers",
-                "2",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
+            .args(workers)
             .args(extra)
             // `PROXY_LOG=debug cargo test --test proxy` for more detail from the proxies.
             .env(
